@@ -1,0 +1,1 @@
+from qdc_export.compensation.coefficients import SUPPORTED_SCHEDULERS, SamplerCoefficients, sampler_coefficients
