@@ -1,0 +1,121 @@
+"""ONNX Runtime sessions for opset-21 Q/DQ models, with the known quirks handled.
+
+Quirks (measured with onnxruntime 1.32 on CPU, see docs/probe-notes.md):
+
+* An INT8 QuantizeLinear that carries the opset-21 ``output_dtype`` attribute (the torch dynamo
+  exporter writes it) makes session creation fail at EXTENDED/ALL: "output_dtype INT8 does not
+  match y_zero_point type UINT8". The culprit is the ``QDQS8ToU8Transformer``, which rewrites the
+  zero point to uint8 but leaves the attribute. We disable that one optimizer through the session
+  config key ``optimization.disable_specified_optimizers`` (same effect as the Python-only
+  ``InferenceSession(..., disabled_optimizers=[...])`` keyword, but it travels with the
+  SessionOptions object, so a caller that only uses :func:`make_session_options` is safe too).
+* INT4 DequantizeLinear -> MatMul fuses to ``MatMulNBits`` at ALL, whose default accuracy level
+  quantizes the activations to int8 (errors ~1e-2). ``session.qdq_matmulnbits_accuracy_level = 1``
+  keeps the fused kernel in fp32, exact against the unfused graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import onnx
+import onnxruntime as ort
+
+from qdc_export.errors import UserError
+
+__all__ = ["PROVIDERS", "create_session", "make_session_options"]
+
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+# Fallbacks after the requested provider, for nodes it does not take.
+_FALLBACKS: dict[str, tuple[str, ...]] = {
+    "cpu": (),
+    "cuda": ("CPUExecutionProvider",),
+    "tensorrt": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+_OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+DISABLED_OPTIMIZERS: tuple[str, ...] = ("QDQS8ToU8Transformer",)
+_DISABLE_OPTIMIZERS_KEY = "optimization.disable_specified_optimizers"
+_MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+_MATMULNBITS_EXACT_LEVEL = "1"  # fp32 compute; the default (4) quantizes activations to int8
+
+_FOUR_BIT = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
+
+
+def _has_four_bit_weights(model: onnx.ModelProto) -> bool:
+    return any(init.data_type in _FOUR_BIT for init in model.graph.initializer)
+
+
+def _resolve_providers(provider: str) -> list[str]:
+    key = provider.lower()
+    if key not in PROVIDERS:
+        raise UserError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[key]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise UserError(
+            f"provider {provider!r} ({wanted}) is not available in this onnxruntime build; "
+            f"available: {', '.join(available)}"
+        )
+    return [wanted, *(p for p in _FALLBACKS[key] if p in available)]
+
+
+def make_session_options(
+    model: onnx.ModelProto | None,
+    *,
+    provider: str,
+    optimization: Literal["disable", "basic", "extended", "all"] = "all",
+) -> tuple[ort.SessionOptions, list[str]]:
+    """SessionOptions and the provider list for running ``model`` on ``provider``.
+
+    ``provider`` is "cpu", "cuda" or "tensorrt"; one that this onnxruntime build lacks raises
+    :class:`UserError` listing the available ones. ``model`` (may be None when unknown) only
+    decides whether the INT4 MatMulNBits setting is needed; with None it is set anyway.
+    """
+    providers = _resolve_providers(provider)
+    if optimization not in _OPTIMIZATION_LEVELS:
+        raise UserError(
+            f"unknown optimization level {optimization!r}; choose one of: {', '.join(_OPTIMIZATION_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+    options.add_session_config_entry(_DISABLE_OPTIMIZERS_KEY, ",".join(DISABLED_OPTIMIZERS))
+    if model is None or _has_four_bit_weights(model):
+        options.add_session_config_entry(_MATMULNBITS_ACCURACY_KEY, _MATMULNBITS_EXACT_LEVEL)
+    return options, providers
+
+
+def create_session(
+    model_path_or_proto: str | os.PathLike[str] | onnx.ModelProto,
+    provider: str = "cpu",
+    optimization: Literal["disable", "basic", "extended", "all"] = "all",
+) -> ort.InferenceSession:
+    """An InferenceSession for an ONNX file or ModelProto, with the quirks above handled.
+
+    A path is handed to onnxruntime as a path (so external weight files next to it resolve); its
+    graph is loaded without external data only to inspect initializer types.
+    """
+    source: Any
+    if isinstance(model_path_or_proto, onnx.ModelProto):
+        model: onnx.ModelProto = model_path_or_proto
+        source = model.SerializeToString()
+    else:
+        path = os.fspath(model_path_or_proto)
+        if not os.path.isfile(path):
+            raise UserError(f"ONNX model not found: {path}")
+        model = onnx.load(path, load_external_data=False)
+        source = path
+    options, providers = make_session_options(model, provider=provider, optimization=optimization)
+    return ort.InferenceSession(source, options, providers=providers)
