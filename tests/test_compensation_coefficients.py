@@ -58,7 +58,8 @@ def _run_and_compare(sched, n_steps, seed=0):
                 noise_term = sched._get_variance(int(t)) ** 0.5 * noise
         elif step_has_gen:
             kw["generator"] = torch.Generator().manual_seed(1000 + i)
-        sched.scale_model_input(x, t)  # Euler wants it called; identity elsewhere
+        if hasattr(sched, "scale_model_input"):
+            sched.scale_model_input(x, t)  # Euler wants it called; identity elsewhere
         ref = sched.step(out, t, x, **kw).prev_sample.double() - noise_term
         mine = coeffs.step(i, x.double(), out.double(),
                            None if x_prev is None else x_prev.double(),
