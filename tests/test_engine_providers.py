@@ -132,3 +132,88 @@ def test_unknown_provider_and_level_are_user_errors():
 def test_missing_model_path_is_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         create_session(tmp_path / "absent.onnx")
+
+
+# ------------------------------------------------------------------ TensorRT module, pure parts
+# (qdc_export.engines.tensorrt imports without TensorRT; its build/run paths are in tests/gpu.)
+
+from qdc_export.engines.tensorrt import (  # noqa: E402
+    TensorRTBuildConfig,
+    TensorRTEngine,
+    build_engine,
+    profiles_from_build_options,
+    tensorrt_available,
+)
+from qdc_export.errors import TensorRTCompatibilityError  # noqa: E402
+
+
+def test_profiles_from_build_options_expands_symbols():
+    profiles = profiles_from_build_options(
+        {
+            "sample": ("batch", 4, "height", "width"),
+            "timestep": ("batch",),
+            "encoder_hidden_states": ("batch", "tokens", 768),
+        },
+        batch_range=(1, 2, 4),
+        hw_range=(32, 64, 128),
+        extra_dims={"tokens": (77, 77, 154)},
+    )
+    assert profiles == {
+        "sample": ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 128, 128)),
+        "timestep": ((1,), (2,), (4,)),
+        "encoder_hidden_states": ((1, 77, 768), (2, 77, 768), (4, 154, 768)),
+    }
+    config = TensorRTBuildConfig(shapes=profiles, builder_optimization_level=4, workspace_bytes=1 << 30)
+    assert TensorRTBuildConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("specs", "batch", "hw", "match"),
+    [
+        ({"x": ("batch", "depth")}, (1, 1, 1), (8, 8, 8), "unknown dimension symbol 'depth'"),
+        ({"x": ("batch",)}, (2, 1, 4), (8, 8, 8), "0 < min <= opt <= max"),
+        ({"x": ("batch",)}, (0, 1, 4), (8, 8, 8), "0 < min <= opt <= max"),
+    ],
+)
+def test_profiles_from_build_options_rejects_bad_options(specs, batch, hw, match):
+    with pytest.raises(UserError, match=match):
+        profiles_from_build_options(specs, batch, hw)
+
+
+def test_build_config_is_validated_and_frozen():
+    with pytest.raises(UserError, match="rank"):
+        TensorRTBuildConfig(shapes={"x": ((1, 3), (1, 3, 8), (1, 3, 8))})
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        TensorRTBuildConfig(shapes={"x": ((2, 3), (1, 3), (4, 3))})
+    with pytest.raises(UserError, match="builder_optimization_level"):
+        TensorRTBuildConfig(shapes={"x": ((1,), (1,), (1,))}, builder_optimization_level=6)
+    config = TensorRTBuildConfig(shapes={"x": ([1, 3], [2, 3], [4, 3])})  # lists are normalized
+    assert config.shapes["x"] == ((1, 3), (2, 3), (4, 3))
+    with pytest.raises(AttributeError):
+        config.builder_optimization_level = 5  # type: ignore[misc]
+
+
+def test_tensorrt_paths_fail_cleanly_without_tensorrt(tmp_path):
+    available, reason = tensorrt_available()
+    if available:
+        pytest.skip(f"TensorRT is usable here ({reason}); tests/gpu covers it")
+    assert reason
+    config = TensorRTBuildConfig(shapes={"x": ((1, 3, 8, 8),) * 3})
+    path = tmp_path / "m.onnx"
+    onnx.save(int8_qdq_conv_model(), path)
+    with pytest.raises(UserError) as info:
+        build_engine(path, config, tmp_path / "m.plan")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m.plan").exists()
+    with pytest.raises(UserError):
+        TensorRTEngine(tmp_path / "m.plan").activate()
+
+
+def test_build_engine_checks_rules_before_needing_tensorrt(tmp_path):
+    model = int8_qdq_conv_model()
+    model.graph.initializer[4].CopyFrom(nh.from_array(np.array(3, np.int8), "x_zp"))  # asymmetric
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    config = TensorRTBuildConfig(shapes={"x": ((1, 3, 8, 8),) * 3})
+    with pytest.raises(TensorRTCompatibilityError, match="R1"):
+        build_engine(path, config, tmp_path / "bad.plan")
