@@ -135,10 +135,10 @@ def test_int4_weight_only_block_dq_passes_and_runs_in_onnxruntime():
 @pytest.mark.parametrize(
     ("kwargs", "rule", "nodes"),
     [
-        (dict(x_zp=3), "R1", {"x_quant", "x_dequant"}),
-        (dict(w_scale_sign=-1.0), "R2", {"w_dequant"}),
-        (dict(dynamic_x_scale=True), "R2", {"x_quant", "x_dequant"}),
-        (dict(x_scale=[0.05, 0.04, 0.03]), "R3", {"x_quant", "x_dequant"}),
+        ({"x_zp": 3}, "R1", {"x_quant", "x_dequant"}),
+        ({"w_scale_sign": -1.0}, "R2", {"w_dequant"}),
+        ({"dynamic_x_scale": True}, "R2", {"x_quant", "x_dequant"}),
+        ({"x_scale": [0.05, 0.04, 0.03]}, "R3", {"x_quant", "x_dequant"}),
     ],
     ids=["nonzero-zero-point", "negative-scale", "non-constant-scale", "per-channel-activation"],
 )

@@ -138,7 +138,8 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     """The value of a ``Constant`` node as a TensorProto (None for sparse or unknown forms)."""
     for attr in node.attribute:
         if attr.name == "value":
-            return attr.t
+            tensor: onnx.TensorProto = attr.t
+            return tensor
         if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
             value: Any = onnx.helper.get_attribute_value(attr)
             dtype = np.float32 if "float" in attr.name else np.int64
@@ -311,9 +312,8 @@ def _check_qdq(
             yield violation(
                 "R4", "4-bit weights must be stored as packed int4 initializers read by DequantizeLinear"
             )
-        elif data_name not in scope.constants:
-            if not allow_int4_activations:
-                yield violation("R4", f"4-bit DequantizeLinear input {data_name!r} is not a constant weight")
+        elif data_name not in scope.constants and not allow_int4_activations:
+            yield violation("R4", f"4-bit DequantizeLinear input {data_name!r} is not a constant weight")
         if qtype == _TP.UINT4:
             yield violation("R4", "uint4 is not supported; use int4 with a zero zero point")
         if granularity == "block" and data_name in scope.constants:
