@@ -72,7 +72,9 @@ def timestep_to_row(timesteps_table: torch.Tensor, t: torch.Tensor | float, tol:
     min(dim) / where: no Python branching on tensor values, so it traces and exports to ONNX.
     """
     table = timesteps_table.to(torch.float32)
-    t = torch.as_tensor(t).to(device=table.device, dtype=torch.float32).reshape(-1)
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t, device=table.device)
+    t = t.to(torch.float32).reshape(-1)
     dist = (t.unsqueeze(1) - table.unsqueeze(0)).abs()  # [B, N]
     min_dist, idx = dist.min(dim=1)
     identity_row = torch.full_like(idx, table.shape[0])
@@ -178,7 +180,7 @@ class CompensationTables:
 
     def row_for(self, t: float) -> int:
         """Python-side row lookup for one timestep (same rule as ``timestep_to_row``)."""
-        return int(timestep_to_row(torch.from_numpy(self.timesteps), torch.tensor([float(t)]), self.tolerance)[0])
+        return int(timestep_to_row(torch.tensor(self.timesteps), torch.tensor([float(t)]), self.tolerance)[0])
 
     def head(self) -> "CompensationHead":
         return CompensationHead(self)
