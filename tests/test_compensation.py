@@ -13,7 +13,6 @@ import torch
 
 from qdc_export.compensation import (
     METHODS,
-    CompensationHead,
     CompensationTables,
     FitOptions,
     apply_compensation,
@@ -21,7 +20,6 @@ from qdc_export.compensation import (
     fit_tables,
     lookup_tolerance,
     sampler_coefficients,
-    timestep_to_row,
 )
 from qdc_export.errors import UserError
 
@@ -178,6 +176,7 @@ def test_state_loop_matches_manual_formula():
     # functional form, state=None means zeros
     e0 = torch.randn(1, C, 2, 2)
     out, st = apply_compensation(tab, e0, tab.timesteps[0])
+    assert torch.equal(st, e0)
     assert torch.equal(out, head(e0, torch.tensor(tab.timesteps[0]), torch.zeros_like(e0))[0])
 
 
@@ -266,6 +265,33 @@ def test_sanity_fp_as_quantized_gives_zero_coefficients(method, opts, fp_denoise
     print(f"{method} {opts}: max|scale-1|={ds:.1e} max|prev|={dp:.1e} max|bias|={db:.1e}")
     assert max(ds, dp, db) < 1e-6
     assert tab.stats["final_latent_rel_error"] == 0.0
+
+
+OTHER_SAMPLERS = [
+    ("ddpm", lambda: diffusers.DDPMScheduler(clip_sample=False)),
+    ("euler", lambda: diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                       beta_end=0.012)),
+    ("dpmpp2m", lambda: diffusers.DPMSolverMultistepScheduler()),
+]
+
+
+@pytest.mark.parametrize("name,make", OTHER_SAMPLERS, ids=[n for n, _ in OTHER_SAMPLERS])
+def test_fit_on_other_samplers(name, make, fp_denoiser, latents):
+    """Sanity (FP as quantized -> zero coefficients) and the m1-fitted cumulative fit on DDPM (stochastic steps,
+    seeded alike), Euler (scaled model input, init_noise_sigma) and DPM-Solver++ 2M (multistep)."""
+    sched = make()
+    tab = fit_tables("tcec-m1-fitted", fp_denoiser, fp_denoiser, sched, N_STEPS, latents, target="cumulative",
+                     fit_bias=True)
+    dev = max(float(np.abs(tab.scale - 1).max()), float(np.abs(tab.prev).max()), float(np.abs(tab.bias).max()))
+    k = K_TRUE.view(1, C, 1, 1)
+    tab_q = fit_tables("tcec-m1-fitted", lambda x, t: (1 + k) * fp_denoiser(x, t), fp_denoiser, sched, N_STEPS,
+                       latents)
+    raw = fit_tables("none", lambda x, t: (1 + k) * fp_denoiser(x, t), fp_denoiser, sched, N_STEPS, latents)
+    before, after = raw.stats["final_latent_rel_error"], tab_q.stats["final_latent_rel_error"]
+    print(f"{name}: sanity max coef dev={dev:.1e}; scaled model final rel err raw={before:.3e} "
+          f"m1-fitted={after:.3e}")
+    assert dev < 1e-6
+    assert after / before < 0.2
 
 
 def test_all_methods_covered_by_sanity():

@@ -32,7 +32,7 @@ def _scheds():
 
 def _loop(sched, n, x0, out_fn):
     sched.set_timesteps(n)
-    kw = lambda: ({"generator": torch.Generator().manual_seed(7)}  # noqa: E731
+    kw = lambda: ({"generator": torch.Generator().manual_seed(7)}
                   if "generator" in inspect.signature(sched.step).parameters else {})
     gen_kw = kw()
     x, xs = x0.clone(), []
@@ -72,7 +72,7 @@ def test_ddim_gains_equal_method_md_closed_form():
     c = sampler_coefficients(sched, 10)
     ab = sched.alphas_cumprod.double().numpy()
     final = float(sched.final_alpha_cumprod)
-    s = lambda a: np.sqrt((1 - a) / a)  # noqa: E731
+    s = lambda a: np.sqrt((1 - a) / a)
     expected = []
     for t in c.timesteps.astype(int):
         ap = ab[t - 100] if t - 100 >= 0 else final

@@ -7,7 +7,11 @@ tables:       CompensationTables (by step row, reached through the timestep valu
 fit:          closed-form ridge fits (ptqd, tac, tcec-m0, tcec-m1-analytic, tcec-m1-fitted) from FP/quantized runs.
 """
 
-from qdc_export.compensation.coefficients import SUPPORTED_SCHEDULERS, SamplerCoefficients, sampler_coefficients
+from qdc_export.compensation.coefficients import (
+    SUPPORTED_SCHEDULERS,
+    SamplerCoefficients,
+    sampler_coefficients,
+)
 from qdc_export.compensation.cumulative import error_gains, predicted_final_error, propagate_errors
 from qdc_export.compensation.fit import FitOptions, PairedTrajectories, fit_from_pairs, fit_tables, ridge_fit
 from qdc_export.compensation.tables import (
@@ -21,22 +25,22 @@ from qdc_export.compensation.tables import (
 )
 
 __all__ = [
-    "SUPPORTED_SCHEDULERS",
-    "SamplerCoefficients",
-    "sampler_coefficients",
-    "error_gains",
-    "predicted_final_error",
-    "propagate_errors",
-    "FitOptions",
-    "PairedTrajectories",
-    "fit_from_pairs",
-    "fit_tables",
-    "ridge_fit",
     "METHODS",
+    "SUPPORTED_SCHEDULERS",
     "CompensationHead",
     "CompensationTables",
+    "FitOptions",
+    "PairedTrajectories",
+    "SamplerCoefficients",
     "apply_compensation",
     "compensate",
+    "error_gains",
+    "fit_from_pairs",
+    "fit_tables",
     "lookup_tolerance",
+    "predicted_final_error",
+    "propagate_errors",
+    "ridge_fit",
+    "sampler_coefficients",
     "timestep_to_row",
 ]

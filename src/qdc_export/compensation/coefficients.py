@@ -59,7 +59,7 @@ import numpy as np
 
 from qdc_export.errors import UserError
 
-__all__ = ["SamplerCoefficients", "sampler_coefficients", "SUPPORTED_SCHEDULERS"]
+__all__ = ["SUPPORTED_SCHEDULERS", "SamplerCoefficients", "sampler_coefficients"]
 
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler",
@@ -102,7 +102,7 @@ class SamplerCoefficients:
     def is_multistep(self) -> bool:
         return bool(np.any(self.C != 0) or np.any(self.A_prev != 0))
 
-    def step(self, i: int, x, out, x_prev=None, out_prev=None):
+    def step(self, i: int, x: Any, out: Any, x_prev: Any = None, out_prev: Any = None) -> Any:
         """Apply row ``i`` of the linear update to tensors (torch or numpy); ``*_prev`` are row ``i-1``'s."""
         y = self.A[i] * x + self.B[i] * out
         if self.C[i] != 0 or self.A_prev[i] != 0:
@@ -116,7 +116,7 @@ def _unsupported(scheduler: Any, why: str) -> UserError:
     return UserError(f"compensation: {type(scheduler).__name__} is not supported ({why})")
 
 
-def _prepared(scheduler: Any, num_inference_steps: int | None, set_timesteps_kwargs: dict) -> Any:
+def _prepared(scheduler: Any, num_inference_steps: int | None, set_timesteps_kwargs: dict[str, Any]) -> Any:
     sched = copy.deepcopy(scheduler)
     if num_inference_steps is not None:
         sched.set_timesteps(num_inference_steps, **set_timesteps_kwargs)

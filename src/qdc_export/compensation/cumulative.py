@@ -18,17 +18,19 @@ method.md's sqrt(abar_final) * sum_k (s_{k-1} - s_k) e_k with s = sqrt((1-abar)/
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from qdc_export.compensation.coefficients import SamplerCoefficients
 
-__all__ = ["propagate_errors", "error_gains", "predicted_final_error"]
+__all__ = ["error_gains", "predicted_final_error", "propagate_errors"]
 
 
-def _as_list(coeffs: SamplerCoefficients, per_step_errors) -> list[torch.Tensor]:
+def _as_list(
+    coeffs: SamplerCoefficients, per_step_errors: torch.Tensor | Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     errs = list(per_step_errors) if not isinstance(per_step_errors, torch.Tensor) else list(per_step_errors.unbind(0))
     if len(errs) != coeffs.num_steps:
         raise ValueError(f"per_step_errors has {len(errs)} steps, the sampler has {coeffs.num_steps}")
@@ -55,7 +57,7 @@ def propagate_errors(
     e_eff_prev = torch.zeros_like(errs[0])
     out = []
     for i, e in enumerate(errs):
-        e_eff = e if jacobian_zero else e + jvp(i, d_before).to(torch.float64)
+        e_eff = e if jvp is None or jacobian_zero else e + jvp(i, d_before).to(torch.float64)
         d = coeffs.A[i] * d_before + coeffs.B[i] * e_eff
         if coeffs.A_prev[i] != 0 or coeffs.C[i] != 0:
             d = d + coeffs.A_prev[i] * d_before_prev + coeffs.C[i] * e_eff_prev
@@ -68,7 +70,8 @@ def error_gains(coeffs: SamplerCoefficients) -> np.ndarray:
     """G [N] float64 with d_final = sum_k G[k] e_k under J ~ 0 (unit impulses through the recurrence)."""
     n = coeffs.num_steps
     eye = torch.eye(n, dtype=torch.float64)  # row i = e at step i, column k = impulse at step k
-    return propagate_errors(coeffs, eye)[-1].numpy()
+    gains: np.ndarray = propagate_errors(coeffs, eye)[-1].numpy()
+    return gains
 
 
 def predicted_final_error(

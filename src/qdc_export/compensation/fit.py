@@ -46,7 +46,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ from qdc_export.compensation.coefficients import SamplerCoefficients, sampler_co
 from qdc_export.compensation.tables import METHODS, CompensationTables
 from qdc_export.errors import UserError
 
-__all__ = ["PairedTrajectories", "FitOptions", "fit_tables", "fit_from_pairs", "ridge_fit"]
+__all__ = ["FitOptions", "PairedTrajectories", "fit_from_pairs", "fit_tables", "ridge_fit"]
 
 Denoiser = Callable[..., torch.Tensor]
 SEQUENTIAL_BY_DEFAULT = ("tac", "tcec-m1-fitted")
@@ -134,7 +135,8 @@ def ridge_fit(
     empty = diag <= 0
     G = G + torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge * diag))
     h = torch.where(empty, torch.zeros_like(h), h)
-    return torch.linalg.solve(G, h.unsqueeze(-1)).squeeze(-1).T.contiguous()
+    coef: torch.Tensor = torch.linalg.solve(G, h.unsqueeze(-1)).squeeze(-1).T.contiguous()
+    return coef
 
 
 def _rms(u: torch.Tensor) -> float:
@@ -146,7 +148,9 @@ def _bc(row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return row.reshape((1, -1) + (1,) * (like.dim() - 2)).to(like.dtype)
 
 
-def _apply_row(scale: torch.Tensor, prev: torch.Tensor, bias: torch.Tensor, a: torch.Tensor, p: torch.Tensor):
+def _apply_row(
+    scale: torch.Tensor, prev: torch.Tensor, bias: torch.Tensor, a: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
     # Same expression and op order as tables.compensate.
     return _bc(scale, a) * a - _bc(prev, a) * p.to(a.dtype) - _bc(bias, a)
 
@@ -161,12 +165,15 @@ class _RowFitter:
     def target(self, i: int, eps_fp: torch.Tensor, x_q: torch.Tensor, x_fp: torch.Tensor) -> torch.Tensor:
         if self.opts.target == "same-input":
             return eps_fp
-        A, B = self.coeffs.A[i], self.coeffs.B[i]
+        A, B = float(self.coeffs.A[i]), float(self.coeffs.B[i])
         if B == 0:
             return eps_fp
-        return eps_fp.to(torch.float64) - self.opts.g * (A / B) * (x_q.to(torch.float64) - x_fp.to(torch.float64))
+        d = x_q.to(torch.float64) - x_fp.to(torch.float64)
+        return eps_fp.to(torch.float64) - (self.opts.g * A / B) * d
 
-    def fit(self, i: int, a: torch.Tensor, p: torch.Tensor, y: torch.Tensor):
+    def fit(
+        self, i: int, a: torch.Tensor, p: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (scale, prev, bias) float64 [C] for row i."""
         m, o, c = self.method, self.opts, self.c
         a64, p64, y64 = a.to(torch.float64), p.to(torch.float64), y.to(torch.float64)
@@ -205,15 +212,16 @@ class _RowFitter:
 
 
 # ---- trajectories ------------------------------------------------------------------------------------------------
-def _step_kwargs(sched: Any, seed: int, device: torch.device) -> dict:
+def _step_kwargs(sched: Any, seed: int, device: torch.device) -> dict[str, Any]:
     if "generator" in inspect.signature(sched.step).parameters:
         return {"generator": torch.Generator(device=device).manual_seed(seed)}
     return {}
 
 
-def _call(denoiser: Denoiser, sched: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+def _call(denoiser: Denoiser, sched: Any, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
     xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-    return denoiser(xin, t, **cond)
+    out: torch.Tensor = denoiser(xin, t, **cond)
+    return out
 
 
 def fit_tables(
@@ -223,12 +231,12 @@ def fit_tables(
     scheduler: Any,
     num_steps: int,
     latents: torch.Tensor,
-    conditioning_kwargs: dict | None = None,
+    conditioning_kwargs: dict[str, Any] | None = None,
     *,
     options: FitOptions | None = None,
     seed: int = 0,
     scale_initial_noise: bool = True,
-    set_timesteps_kwargs: dict | None = None,
+    set_timesteps_kwargs: dict[str, Any] | None = None,
     return_trajectories: bool = False,
     **option_kwargs: Any,
 ) -> CompensationTables | tuple[CompensationTables, PairedTrajectories]:
@@ -282,14 +290,19 @@ def fit_tables(
             rms_y = max(_rms(y), 1e-30)
             res_before.append(_rms(a.to(torch.float64) - y) / rms_y)
             res_after.append(_rms(eps_hat.to(torch.float64) - y) / rms_y)
-            rows_s.append(sc), rows_p.append(pv), rows_b.append(bs)
+            rows_s.append(sc)
+            rows_p.append(pv)
+            rows_b.append(bs)
             if pairs is not None:
-                pairs.eps_fp.append(eps_fp_same), pairs.eps_q.append(a), pairs.eps_hat.append(eps_hat)
+                pairs.eps_fp.append(eps_fp_same)
+                pairs.eps_q.append(a)
+                pairs.eps_hat.append(eps_hat)
             x_fp = s_fp.step(eps_fp_traj, t, x_fp, **kw_fp).prev_sample
             x_q = s_q.step(eps_hat if sequential else a, t, x_q, **kw_q).prev_sample
             p = a
             if pairs is not None:
-                pairs.x_fp.append(x_fp), pairs.x_q.append(x_q)
+                pairs.x_fp.append(x_fp)
+                pairs.x_q.append(x_q)
     final_err = _rms(x_q - x_fp) / max(_rms(x_fp), 1e-30)
     stats = {
         "residual_before": res_before,
@@ -304,7 +317,9 @@ def fit_tables(
         method, coeffs.timesteps, torch.stack(rows_s), torch.stack(rows_p), torch.stack(rows_b),
         options={**dataclasses.asdict(opts), "sampler": coeffs.kind, "sequential": sequential}, stats=stats,
     )
-    return (tables, pairs) if return_trajectories else tables
+    if pairs is not None:
+        return tables, pairs
+    return tables
 
 
 def fit_from_pairs(
@@ -326,12 +341,12 @@ def fit_from_pairs(
     for i in range(n):
         a = pairs.eps_q[i]
         y = fitter.target(i, pairs.eps_fp[i], pairs.x_q[i], pairs.x_fp[i])
-        row = tuple(v.to(torch.float32) for v in fitter.fit(i, a, p, y))
-        eps_hat = _apply_row(*row, a, p)
+        sc, pv, bs = (v.to(torch.float32) for v in fitter.fit(i, a, p, y))
+        eps_hat = _apply_row(sc, pv, bs, a, p)
         rms_y = max(_rms(y), 1e-30)
         before.append(_rms(a.to(torch.float64) - y) / rms_y)
         after.append(_rms(eps_hat.to(torch.float64) - y) / rms_y)
-        rows.append(row)
+        rows.append((sc, pv, bs))
         p = a
     s, pv, b = (torch.stack([r[j] for r in rows]) for j in range(3))
     return CompensationTables.from_rows(

@@ -43,12 +43,12 @@ from qdc_export.errors import UserError
 
 __all__ = [
     "METHODS",
-    "CompensationTables",
     "CompensationHead",
+    "CompensationTables",
+    "apply_compensation",
+    "compensate",
     "lookup_tolerance",
     "timestep_to_row",
-    "compensate",
-    "apply_compensation",
 ]
 
 METHODS = ("tcec-m0", "tcec-m1-analytic", "tcec-m1-fitted", "ptqd", "tac", "none")
@@ -78,7 +78,7 @@ def timestep_to_row(timesteps_table: torch.Tensor, t: torch.Tensor | float, tol:
     dist = (t.unsqueeze(1) - table.unsqueeze(0)).abs()  # [B, N]
     min_dist, idx = dist.min(dim=1)
     identity_row = torch.full_like(idx, table.shape[0])
-    tol_t = torch.as_tensor(tol, dtype=torch.float32, device=table.device)
+    tol_t = tol.to(torch.float32) if isinstance(tol, torch.Tensor) else torch.tensor(float(tol), device=table.device)
     return torch.where(min_dist <= tol_t, idx, identity_row)
 
 
@@ -128,8 +128,8 @@ class CompensationTables:
     scale: np.ndarray
     prev: np.ndarray
     bias: np.ndarray
-    options: dict = dataclasses.field(default_factory=dict)
-    stats: dict = dataclasses.field(default_factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -182,12 +182,12 @@ class CompensationTables:
         """Python-side row lookup for one timestep (same rule as ``timestep_to_row``)."""
         return int(timestep_to_row(torch.tensor(self.timesteps), torch.tensor([float(t)]), self.tolerance)[0])
 
-    def head(self) -> "CompensationHead":
+    def head(self) -> CompensationHead:
         return CompensationHead(self)
 
     # ---- constructors ----------------------------------------------------------------------------------------
     @classmethod
-    def identity(cls, timesteps: Any, channels: int, **options: Any) -> "CompensationTables":
+    def identity(cls, timesteps: Any, channels: int, **options: Any) -> CompensationTables:
         ts = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps, np.float64)
         n = len(ts)
         return cls(
@@ -201,9 +201,9 @@ class CompensationTables:
 
     @classmethod
     def from_rows(
-        cls, method: str, timesteps: Any, scale: Any, prev: Any, bias: Any, options: dict | None = None,
-        stats: dict | None = None,
-    ) -> "CompensationTables":
+        cls, method: str, timesteps: Any, scale: Any, prev: Any, bias: Any, options: dict[str, Any] | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> CompensationTables:
         """Build from [N, C] step rows; appends the identity row N."""
         scale, prev, bias = (np.asarray(a, np.float64) for a in (scale, prev, bias))
         c = scale.shape[1]
@@ -251,7 +251,7 @@ class CompensationTables:
         return d
 
     @classmethod
-    def load(cls, path_dir: str | Path) -> "CompensationTables":
+    def load(cls, path_dir: str | Path) -> CompensationTables:
         from safetensors.numpy import load_file
 
         d = Path(path_dir)
@@ -283,6 +283,12 @@ class CompensationHead(nn.Module):
     Buffers (all float32): ``timesteps`` [N], ``scale``/``prev``/``bias`` [N+1, C], ``tol`` []. Export-friendly:
     ``torch.export.export(head, (eps_q, t, state), strict=False)`` works for any batch.
     """
+
+    timesteps: torch.Tensor
+    scale: torch.Tensor
+    prev: torch.Tensor
+    bias: torch.Tensor
+    tol: torch.Tensor
 
     def __init__(self, tables: CompensationTables) -> None:
         super().__init__()
@@ -316,4 +322,5 @@ def apply_compensation(
     head = head.to(eps_q.device)
     if state is None:
         state = torch.zeros_like(eps_q)
-    return head(eps_q, torch.as_tensor(timestep, device=eps_q.device), state)
+    out: tuple[torch.Tensor, torch.Tensor] = head(eps_q, torch.as_tensor(timestep, device=eps_q.device), state)
+    return out
