@@ -1,0 +1,188 @@
+"""Parity: the exported ONNX model against the PyTorch graph it came from, through Polygraphy.
+
+(a) fp32: elementwise on step inputs taken from a real trajectory (Polygraphy ``CompareFunc.simple``).
+(b) quantized: Q/DQ graphs are not bit-exact across runtimes (one rounding flip cascades), so the
+    per-step outputs are compared at identical inputs by SNR and cosine (Polygraphy's SNR and cosine
+    compare functions), and whole trajectories by final-image PSNR against the FP model: ONNX Runtime's
+    PSNR must be within a margin of the PyTorch Q/DQ graph's PSNR."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.logger import G_LOGGER
+from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
+
+from .metrics import error_stats, psnr
+from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
+from .sampling import Denoiser, Trajectory, initial_latents, latents_to_images, run_sampler
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityTolerances:
+    """Stated in every parity report. fp32: elementwise. Quantized: statistical."""
+
+    fp32_atol: float = 1e-4
+    fp32_rtol: float = 1e-3
+    step_min_snr_db: float = 25.0
+    step_min_cosine: float = 0.998
+    trajectory_psnr_margin_db: float = 1.0
+
+
+class TorchRunner(BaseRunner):
+    """Polygraphy runner over a positional-input torch module on CPU. (Polygraphy's PytRunner moves
+    every input to CUDA, so it cannot run on a CPU-only machine.)"""
+
+    def __init__(self, module: Any, input_shapes: dict[str, tuple[int, ...]], output_names: list[str],
+                 name: str = "pytorch"):
+        super().__init__(name=name, prefix="pytorch-runner")
+        self.module, self.input_shapes, self.output_names = module, input_shapes, output_names
+        self.input_names = list(input_shapes)
+
+    def activate_impl(self) -> None:
+        return None
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name in self.input_names:
+            meta.add(name, np.float32, (-1, *self.input_shapes[name][1:]))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import time
+
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in self.input_names])
+            self.inference_time = time.perf_counter() - start
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return OrderedDict((n, o.detach().numpy()) for n, o in zip(self.output_names, outs))
+
+    def deactivate_impl(self) -> None:
+        return None
+
+
+class RecordingDenoiser:
+    """Wraps a Denoiser and records every step's engine feed (inputs incl. comp_state)."""
+
+    def __init__(self, inner: Any, cond_names: list[str]) -> None:
+        self.inner, self.cond_names = inner, cond_names
+        self.feeds: list[OrderedDict[str, np.ndarray]] = []
+
+    def reset(self, batch: int) -> None:
+        self.inner.reset(batch)
+
+    def __call__(self, sample, timestep, cond):
+        feed = OrderedDict([(SAMPLE, sample.numpy().copy()), (TIMESTEP, timestep.numpy().copy())])
+        for name in self.cond_names:
+            feed[name] = cond[name].numpy().copy()
+        if getattr(self.inner, "stateful", False):
+            state = self.inner.state
+            feed[COMP_STATE] = (np.zeros_like(feed[SAMPLE]) if state is None or state.shape != sample.shape
+                                else np.asarray(state).copy())
+        self.feeds.append(feed)
+        return self.inner(sample, timestep, cond)
+
+
+@dataclass
+class ParityCase:
+    """What parity needs: denoisers for the FP model, the PyTorch reference graph and the engine."""
+
+    fp: Denoiser
+    reference_module: Any
+    reference: Denoiser
+    engine: Denoiser
+    engine_session: Any
+    cond_names: list[str]
+    stateful: bool
+    scheduler: Any
+    steps: int
+    latent_shape: tuple[int, ...]
+    conditioning: Any
+    quantized: bool
+
+
+def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Trajectory:
+    cond, uncond = case.conditioning.for_samples(seeds)
+    latents = initial_latents(case.latent_shape, seeds, float(case.scheduler.init_noise_sigma))
+    return run_sampler(denoiser, case.scheduler, case.steps, latents, cond, uncond,
+                       case.conditioning.guidance_scale)
+
+
+def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None = None) -> dict[str, Any]:
+    tol = tol or ParityTolerances()
+    recorder = RecordingDenoiser(case.reference, case.cond_names)
+    ref_traj = _trajectories(case, seeds, recorder)
+    input_shapes = {name: array.shape for name, array in recorder.feeds[0].items()}
+    output_names = [NOISE_PRED] + ([COMP_STATE_OUT] if case.stateful else [])
+    runners = [TorchRunner(case.reference_module, input_shapes, output_names),
+               OnnxrtRunner(case.engine_session, name="onnxruntime")]
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
+        results = Comparator.run(runners, data_loader=recorder.feeds)
+    if case.quantized:
+        funcs = [SnrCompareFunc(snr_threshold=tol.step_min_snr_db),
+                 CosineSimilarityCompareFunc(cosine_similarity_threshold=tol.step_min_cosine)]
+    else:
+        funcs = [CompareFunc.simple(atol=tol.fp32_atol, rtol=tol.fp32_rtol, check_error_stat="elemwise")]
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        accuracy = Comparator.compare_accuracy(results, compare_func=funcs)
+    (_, torch_iters), (_, ort_iters) = list(results.items())
+    per_step = [error_stats(a[NOISE_PRED], b[NOISE_PRED]) for a, b in zip(torch_iters, ort_iters)]
+    report: dict[str, Any] = {
+        "mode": "statistical" if case.quantized else "elementwise",
+        "tolerances": asdict(tol),
+        "seeds": seeds,
+        "steps": case.steps,
+        "per_step": per_step,
+        "worst": {
+            "max_abs": max(s["max_abs"] for s in per_step),
+            "p99_abs": max(s["p99_abs"] for s in per_step),
+            "mean_abs": float(np.mean([s["mean_abs"] for s in per_step])),
+            "min_snr_db": min(s["snr_db"] for s in per_step),
+            "min_cosine": min(s["cosine"] for s in per_step),
+        },
+        "polygraphy_passed": bool(accuracy),
+    }
+    passed = bool(accuracy)
+    if case.quantized:
+        fp_images = latents_to_images(_trajectories(case, seeds, case.fp).final)
+        ort_images = latents_to_images(_trajectories(case, seeds, case.engine).final)
+        ref_images = latents_to_images(ref_traj.final)
+        psnr_ref = psnr(fp_images, ref_images).clamp(max=100.0)
+        psnr_ort = psnr(fp_images, ort_images).clamp(max=100.0)
+        gap = abs(float(psnr_ort.mean()) - float(psnr_ref.mean()))
+        report["trajectory"] = {
+            "psnr_vs_fp_pytorch_db": [float(v) for v in psnr_ref],
+            "psnr_vs_fp_onnxruntime_db": [float(v) for v in psnr_ort],
+            "mean_psnr_pytorch_db": float(psnr_ref.mean()),
+            "mean_psnr_onnxruntime_db": float(psnr_ort.mean()),
+            "gap_db": gap,
+        }
+        passed = passed and gap <= tol.trajectory_psnr_margin_db
+    report["passed"] = passed
+    return report
+
+
+def summarize(report: dict[str, Any]) -> str:
+    w = report["worst"]
+    tol = report["tolerances"]
+    if report["mode"] == "elementwise":
+        line = (f"fp32 parity (atol {tol['fp32_atol']:g}, rtol {tol['fp32_rtol']:g}): max {w['max_abs']:.3g} "
+                f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
+    else:
+        t = report["trajectory"]
+        line = (f"quantized parity: per-step SNR min {w['min_snr_db']:.1f} dB (>= {tol['step_min_snr_db']}), "
+                f"cosine min {w['min_cosine']:.5f} (>= {tol['step_min_cosine']}); final-image PSNR vs FP: "
+                f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, ONNX Runtime {t['mean_psnr_onnxruntime_db']:.2f} dB, "
+                f"gap {t['gap_db']:.2f} dB (<= {tol['trajectory_psnr_margin_db']}); max abs {w['max_abs']:.3g} "
+                f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
+    return ("PASS " if report["passed"] else "FAIL ") + line

@@ -1,0 +1,73 @@
+"""``qdc-export check DIR``: rebuild the parity case from a build folder (manifest, model.onnx,
+reference.pt2, and the FP model named by the manifest) and run :func:`qdc_export.check.run_parity`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from .check import ParityCase, ParityTolerances, run_parity
+from .engines.onnxruntime import OrtDenoiser
+from .engines.providers import create_session
+from .errors import UserError
+from .loading import LoadedModel, load_model
+from .manifest import read_manifest, verify_artifacts
+from .plugins.base import COMP_STATE
+from .sampling import TorchDenoiser, make_scheduler
+
+PARITY_SEED_OFFSET = 50_000
+
+
+def load_onnx_checked(path: Path) -> onnx.ModelProto:
+    """Load and validate an ONNX file; a corrupt or foreign file is a one-line user error."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # protobuf DecodeError, ValidationError, ...
+        raise UserError(f"{path} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
+    return model
+
+
+def load_reference(path: Path) -> Any:
+    import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops used by the graph
+
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:
+        raise UserError(f"cannot load PyTorch reference graph {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def model_source_arg(manifest: dict[str, Any]) -> str:
+    source = manifest["model"]["source"]
+    return source["path"] if source["kind"] == "folder" else source["name"]
+
+
+def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[int] | None = None,
+                tolerances: ParityTolerances | None = None, provider: str = "cpu") -> dict[str, Any]:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_artifacts(folder, manifest)
+    load_onnx_checked(folder / "model.onnx")
+    model = model or load_model(model_source_arg(manifest))
+    build = manifest["build"]
+    reference_module = load_reference(folder / "reference.pt2")
+    session = create_session(folder / "model.onnx", provider=provider)
+    cond_names = manifest["conditioning"]["names"]
+    stateful = any(i.name == COMP_STATE for i in session.get_inputs())
+    scheduler = make_scheduler(build["scheduler"], model.scheduler_config)
+    latent_shape = tuple(manifest["io"]["inputs"][0]["shape"][1:])
+    case = ParityCase(
+        fp=TorchDenoiser(model.adapter.wrap(model.unet).eval(), cond_names),
+        reference_module=reference_module,
+        reference=TorchDenoiser(reference_module, cond_names, stateful=stateful),
+        engine=OrtDenoiser(session), engine_session=session, cond_names=cond_names, stateful=stateful,
+        scheduler=scheduler, steps=int(build["steps"]), latent_shape=latent_shape,
+        conditioning=model.conditioning, quantized=build["precision"] != "fp32",
+    )
+    seeds = seeds or [PARITY_SEED_OFFSET + i for i in range(int(build["parity_samples"]))]
+    return run_parity(case, seeds, tolerances)

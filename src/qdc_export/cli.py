@@ -1,0 +1,148 @@
+"""The ``qdc-export`` command line. It only parses options and calls library functions; user errors
+(:class:`qdc_export.errors.UserError`) end with one line on stderr and exit code 1, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 1
+
+
+def _quiet_third_party() -> None:
+    """torchao and diffusers log import-time warnings about optional kernels that don't apply here."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore")
+    import torch  # noqa: F401  (torch configures its loggers on import; adjust them afterwards)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    for name in ("torchao", "torch.utils._pytree", "torch.onnx", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _user_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qdc-export")
+def main() -> None:
+    """Compile diffusers UNets into quantized ONNX engines with in-graph error compensation."""
+    _quiet_third_party()
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--precision", type=click.Choice(["fp32", "w8a8", "w4a16", "w4a8", "w4a4"]), default="w8a8", show_default=True)
+@click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "euler", "dpmsolver++"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="denoising steps the engine is built and calibrated for")
+@click.option("--calib-samples", type=int, default=8, show_default=True, help="calibration trajectories")
+@click.option("--observer", type=click.Choice(["minmax", "percentile", "mse"]), default="percentile", show_default=True)
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--quantize-attention/--no-quantize-attention", default=False, show_default=True)
+@click.option("--include", multiple=True, help="glob of layers to quantize even if float by default")
+@click.option("--exclude", multiple=True, help="glob of layers to keep in float")
+@click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default="none", show_default=True)
+@click.option("--tcec-variant", type=click.Choice(["m0", "m1-analytic", "m1-fitted"]), default="m0", show_default=True)
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--parity-samples", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="build folder to create")
+@click.option("--force", is_flag=True, help="replace an existing --out folder")
+@click.option("--no-check", is_flag=True, help="skip the parity check (not recommended)")
+@_user_errors
+def build(model, precision, scheduler, steps, calib_samples, observer, percentile, quantize_attention, include,
+          exclude, compensation, tcec_variant, target, parity_samples, seed, out, force, no_check) -> None:
+    """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
+    from .build import build as run_build
+    from .check import summarize
+    from .config import BuildConfig
+
+    config = BuildConfig(precision=precision, scheduler=scheduler, steps=steps, calib_samples=calib_samples,
+                         observer=observer, percentile=percentile, quantize_attention=quantize_attention,
+                         include=include, exclude=exclude, compensation=compensation, tcec_variant=tcec_variant,
+                         target=target, parity_samples=parity_samples, seed=seed)
+    result = run_build(model, config, out, force=force, progress=True, run_check=not no_check)
+    click.echo(f"built {out} ({precision}, {scheduler} x {steps} steps) in {sum(result.timings.values()):.1f} s")
+    if result.parity:
+        click.echo(summarize(result.parity))
+        if not result.parity["passed"]:
+            raise UserError(f"parity check failed; see {out / 'parity.json'}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--seeds", type=int, default=None, help="number of parity trajectories (default: the build's)")
+@click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
+@_user_errors
+def check(build_dir, backend, provider, seeds, as_json) -> None:
+    """Check a build folder's ONNX model against its PyTorch reference graph and the FP model."""
+    from .check import summarize
+    from .checking import PARITY_SEED_OFFSET, check_build
+
+    if not build_dir.is_dir():
+        raise UserError(f"{build_dir} is not a folder")
+    seed_list = [PARITY_SEED_OFFSET + i for i in range(seeds)] if seeds else None
+    report = check_build(build_dir, seeds=seed_list, provider=provider)
+    click.echo(json.dumps(report, indent=2) if as_json else summarize(report))
+    if not report["passed"]:
+        raise UserError("parity check failed")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="first seed; image i uses seed + i")
+@click.option("--num", type=int, default=8, show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="folder for PNG images")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="overwrite existing images")
+@_user_errors
+def sample(build_dir, seed, num, out, provider, force) -> None:
+    """Generate images with the built engine (ONNX Runtime) and write them as PNG."""
+    from .sample_images import sample_build
+
+    paths = sample_build(build_dir, seeds=list(range(seed, seed + num)), out=out, provider=provider,
+                         force=force, progress=True)
+    click.echo(f"wrote {len(paths)} images to {out}")
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--verbose", "-v", is_flag=True, help="list every layer")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def inspect(target, verbose, as_json) -> None:
+    """Show per-layer precision, Q/DQ counts, inputs/outputs of a build folder or an .onnx file."""
+    from .inspection import format_inspection, inspect_model
+
+    if not target.exists():
+        raise UserError(f"{target} does not exist")
+    info = inspect_model(target)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info, verbose))
+
+
+if __name__ == "__main__":
+    main()

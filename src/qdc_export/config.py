@@ -1,0 +1,82 @@
+"""Build configuration: frozen, keyword-only, validated on construction, written next to every artifact
+(manifest.json) and read back with :func:`BuildConfig.from_dict`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+PRECISIONS = ("fp32", "w8a8", "w4a16", "w4a8", "w4a4")
+SCHEDULERS = ("ddim", "ddpm", "euler", "dpmsolver++")
+OBSERVERS = ("minmax", "percentile", "mse")
+COMPENSATIONS = ("none", "tcec", "ptqd", "tac")
+TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
+TARGETS = ("onnxruntime", "tensorrt")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    precision: str = "w8a8"
+    scheduler: str = "ddim"
+    steps: int = 20
+    calib_samples: int = 8
+    seed: int = 0
+    observer: str = "percentile"
+    percentile: float = 99.99
+    quantize_attention: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    guidance_scale: float | None = None
+    compensation: str = "none"
+    tcec_variant: str = "m0"
+    target: str = "onnxruntime"
+    parity_samples: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("observer", self.observer, OBSERVERS)
+        _check_choice("compensation", self.compensation, COMPENSATIONS)
+        _check_choice("tcec variant", self.tcec_variant, TCEC_VARIANTS)
+        _check_choice("target", self.target, TARGETS)
+        if self.steps < 1 or self.steps > 1000:
+            raise UserError(f"--steps must be in 1..1000, got {self.steps}")
+        if self.calib_samples < 1:
+            raise UserError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.parity_samples < 1:
+            raise UserError(f"--parity-samples must be >= 1, got {self.parity_samples}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.precision == "fp32" and self.compensation != "none":
+            raise UserError("compensation needs a quantized precision; fp32 has no quantization error")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision != "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown build config keys: {', '.join(unknown)}")
+        data = dict(data)
+        data["include"] = tuple(data.get("include", ()))
+        data["exclude"] = tuple(data.get("exclude", ()))
+        return cls(**data)

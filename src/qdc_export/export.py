@@ -1,0 +1,33 @@
+"""ONNX export (opset 21, standard QuantizeLinear/DequantizeLinear, no custom ops) through
+torch.onnx.export(dynamo=True). INT8 weights stay INT8 initializers behind DequantizeLinear; models
+over 2 GB are written with external data. Every file passes onnx.checker's full check."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+OPSET = 21
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+
+
+def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, *,
+                input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} for _ in example)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        program = torch.onnx.export(
+            module, example, input_names=input_names, output_names=output_names, opset_version=OPSET,
+            dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,
+        )
+    assert program is not None
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
+    onnx.checker.check_model(str(path), full_check=True)
+    return onnx.load(str(path), load_external_data=False)

@@ -1,0 +1,219 @@
+"""Load MODEL: a local diffusers folder (bare UNet or pipeline with unet/ and scheduler/), or a named
+preset (the bundled trained reference models, or architectures built from config with random weights).
+Weights are read from safetensors only: no pickle, no remote code, no download."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
+
+from .errors import ModelLoadError
+from .plugins import UNetAdapter, adapter_for
+from .plugins.base import ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS, TensorSpec
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+TRAINED_PRESETS = ("digits-uncond", "digits-cond")
+DEFAULT_MODEL = "digits-uncond"
+
+_UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+def _tiny_sd(**extra: Any) -> dict[str, Any]:
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, **extra,
+    )
+
+
+# Architectures built from config (random weights, seeded): test models and the full-size configs.
+CONFIG_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
+    "tiny-unet2d": (UNet2DModel, dict(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )),
+    "tiny-sd": (UNet2DConditionModel, _tiny_sd()),
+    "tiny-sdxl": (UNet2DConditionModel, _tiny_sd(
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+    )),
+    # Published configs of the full-size models (random weights): SD 1.5 and SDXL base.
+    "sd15": (UNet2DConditionModel, dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )),
+    "sdxl": (UNet2DConditionModel, dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )),
+}
+_PRESET_SEQUENCE_LENGTH = {"tiny-sd": 8, "tiny-sdxl": 8}
+
+
+@dataclass
+class Conditioning:
+    """Conditioning per sample index: rows of a learned table (reference models: index -> class) or,
+    for models built from config, seeded Gaussian tensors. ``uncond`` feeds classifier-free guidance."""
+
+    specs: list[TensorSpec]
+    table: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_classes: int = 0
+    null_index: int = -1
+    guidance_scale: float = 1.0
+    image_size: int = 0
+
+    def labels(self, indices: list[int]) -> list[int]:
+        return [i % self.num_classes for i in indices] if self.num_classes else []
+
+    def for_samples(self, indices: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        cond: dict[str, torch.Tensor] = {}
+        uncond: dict[str, torch.Tensor] = {}
+        for spec in self.specs:
+            if spec.name in self.table:
+                rows = self.table[spec.name]
+                cond[spec.name] = rows[torch.tensor(self.labels(indices))]
+                uncond[spec.name] = rows[self.null_index].expand_as(cond[spec.name]).clone()
+            elif spec.name == TIME_IDS:  # SDXL micro-conditioning: original size, crop, target size
+                size = float(self.image_size)
+                ids = torch.tensor([size, size, 0.0, 0.0, size, size])
+                cond[spec.name] = ids.expand(len(indices), 6).clone()
+                uncond[spec.name] = cond[spec.name].clone()
+            else:
+                shape = spec.concrete(1)[1:]
+                cond[spec.name] = torch.stack([
+                    torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + i)) for i in indices
+                ])
+                uncond[spec.name] = torch.zeros_like(cond[spec.name])
+        return cond, uncond
+
+
+@dataclass
+class LoadedModel:
+    unet: torch.nn.Module
+    adapter: UNetAdapter
+    scheduler_config: dict[str, Any]
+    conditioning: Conditioning
+    source: dict[str, Any]
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.conditioning.specs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def _load_unet_folder(folder: Path) -> torch.nn.Module:
+    config = _read_json(folder / "config.json")
+    cls_name = config.get("_class_name")
+    if cls_name not in _UNET_CLASSES:
+        raise ModelLoadError(
+            f"unsupported architecture {cls_name!r} in {folder}; supported: {', '.join(_UNET_CLASSES)}"
+        )
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded)")
+    try:
+        unet = _UNET_CLASSES[cls_name].from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception as exc:  # diffusers raises many types for broken folders
+        raise ModelLoadError(f"cannot load UNet from {folder}: {str(exc).splitlines()[0]}") from None
+    return unet.eval()
+
+
+def _default_scheduler_config() -> dict[str, Any]:
+    return dict(DDPMScheduler().config)
+
+
+def _conditioning(unet: torch.nn.Module, adapter: UNetAdapter, folder: Path | None) -> Conditioning:
+    specs = adapter.condition_specs(unet)
+    size = unet.config.sample_size
+    cond = Conditioning(specs=specs, image_size=int(size if isinstance(size, int) else size[0]) * 8)
+    if not specs:
+        return cond
+    cond.guidance_scale = 2.0
+    table_dir = folder / "conditioning" if folder else None
+    if table_dir and (table_dir / "embeddings.safetensors").is_file():
+        meta = _read_json(table_dir / "config.json")
+        cond.table = load_file(str(table_dir / "embeddings.safetensors"))
+        cond.num_classes = int(meta["num_classes"])
+        cond.null_index = int(meta["null_index"])
+        cond.guidance_scale = float(meta.get("guidance_scale", cond.guidance_scale))
+        for spec_index, spec in enumerate(specs):  # the table fixes the sequence length
+            if spec.name == ENCODER_HIDDEN_STATES and spec.name in cond.table:
+                specs[spec_index] = TensorSpec(spec.name, ("batch", *cond.table[spec.name].shape[1:]))
+            if spec.name == TEXT_EMBEDS and spec.name in cond.table:
+                specs[spec_index] = TensorSpec(spec.name, ("batch", *cond.table[spec.name].shape[1:]))
+    return cond
+
+
+def build_preset(name: str, seed: int = 0) -> torch.nn.Module:
+    cls, kwargs = CONFIG_PRESETS[name]
+    torch.manual_seed(seed)
+    unet = cls(**kwargs).eval()
+    if name in _PRESET_SEQUENCE_LENGTH:
+        unet.register_to_config(qdc_sequence_length=_PRESET_SEQUENCE_LENGTH[name])
+    return unet
+
+
+def load_model(model: str | None) -> LoadedModel:
+    """MODEL: a folder path, a trained preset name, or a config preset name; None = the default model."""
+    model = model or DEFAULT_MODEL
+    path = Path(model)
+    if model in TRAINED_PRESETS and not path.exists():
+        path = MODELS_DIR / model
+        if not path.is_dir():
+            raise ModelLoadError(f"bundled model {model!r} is missing from {MODELS_DIR}")
+    if model in CONFIG_PRESETS and not path.exists():
+        unet = build_preset(model)
+        adapter = adapter_for(unet)
+        source = {"kind": "config-preset", "name": model, "seed": 0}
+        return LoadedModel(unet, adapter, _default_scheduler_config(), _conditioning(unet, adapter, None), source)
+    if not path.exists():
+        raise ModelLoadError(
+            f"MODEL {model!r} is neither a folder nor a preset "
+            f"({', '.join(TRAINED_PRESETS + tuple(CONFIG_PRESETS))})"
+        )
+    if not path.is_dir():
+        raise ModelLoadError(f"MODEL {model!r} is not a folder; expected a diffusers model folder")
+    if (path / "unet" / "config.json").is_file():
+        unet_dir, root = path / "unet", path
+    elif (path / "config.json").is_file():
+        unet_dir, root = path, None
+    else:
+        raise ModelLoadError(f"{path} is not a diffusers folder (no config.json or unet/config.json)")
+    unet = _load_unet_folder(unet_dir)
+    adapter = adapter_for(unet)
+    sched_file = root / "scheduler" / "scheduler_config.json" if root else None
+    scheduler_config = _read_json(sched_file) if sched_file and sched_file.is_file() else _default_scheduler_config()
+    source = {"kind": "folder", "path": str(path.resolve()), "name": path.name}
+    return LoadedModel(unet, adapter, scheduler_config, _conditioning(unet, adapter, root), source)
+
+
+def conditioning_from_build(folder: Path, manifest: dict[str, Any]) -> Conditioning:
+    """The conditioning a build was made with, from the build folder alone (no source model needed)."""
+    meta = manifest["conditioning"]
+    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["io"]["inputs"][2:]]
+    cond = Conditioning(specs=specs, num_classes=int(meta["num_classes"]), null_index=int(meta["null_index"]),
+                        guidance_scale=float(meta["guidance_scale"]), image_size=int(meta["image_size"]))
+    if meta.get("table"):
+        cond.table = load_file(str(folder / meta["table"]))
+    return cond

@@ -1,0 +1,43 @@
+"""Activation observers for calibration over whole sampler trajectories.
+
+- minmax: running max |x| over every call (every step of every trajectory).
+- percentile: per call (one denoising step) the p-th percentile of |x|, collapsed by max over calls, as
+  ModelOpt's diffusers recipe does per step. Outliers that appear in one step do not set the range.
+- mse: torchao's HistogramObserver (search of the clipping range minimizing L2 quantization error).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
+
+_MAX_SAMPLE = 1 << 20  # elements per call used for the percentile (deterministic strided subsample)
+
+
+class PercentileObserver(MinMaxObserver):
+    def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.percentile = percentile
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        flat = x_orig.detach().abs().float().flatten()
+        if flat.numel() > _MAX_SAMPLE:
+            flat = flat[:: flat.numel() // _MAX_SAMPLE + 1]
+        k = max(1, min(flat.numel(), int(round(flat.numel() * self.percentile / 100.0))))
+        amax = flat.kthvalue(k).values
+        self.min_val.copy_(torch.minimum(self.min_val, -amax))
+        self.max_val.copy_(torch.maximum(self.max_val, amax))
+        return x_orig
+
+
+def activation_observer(kind: str, percentile: float):
+    eps = 2**-12
+    if kind == "minmax":
+        return MinMaxObserver.with_args(eps=eps)
+    if kind == "percentile":
+        return PercentileObserver.with_args(eps=eps, percentile=percentile)
+    if kind == "mse":
+        return HistogramObserver.with_args(eps=eps)
+    raise ValueError(f"unknown observer {kind!r}")

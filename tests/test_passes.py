@@ -1,0 +1,86 @@
+"""Each pass on a real captured diffusers UNet: what it changes, and that it says so honestly."""
+
+import pytest
+import torch
+
+from qdc_export.build import quantization_plan
+from qdc_export.capture import capture
+from qdc_export.config import BuildConfig
+from qdc_export.loading import load_model
+from qdc_export.metrics import error_stats
+from qdc_export.passes.base import count_targets
+from qdc_export.passes.cleanup import remove_inference_noops
+from qdc_export.passes.qdq import insert_observers, materialize_qdq
+
+
+@pytest.fixture
+def captured():  # fresh per test: prepare_pt2e may mutate its input graph
+    model = load_model("tiny-sd")
+    gm, example = capture(model.unet, model.adapter)
+    return model, gm, example
+
+
+def test_capture_matches_eager_and_keeps_batch_dynamic(captured):
+    model, gm, _ = captured
+    wrapped = model.adapter.wrap(model.unet)
+    for batch in (1, 3):
+        inputs = model.adapter.example_inputs(model.unet, batch=batch, seed=batch)
+        with torch.no_grad():
+            assert torch.equal(gm(*inputs), wrapped(*inputs))
+
+
+def test_cleanup_reports_honestly():
+    model = load_model("tiny-unet2d")
+    gm, _ = capture(model.unet, model.adapter)
+    dropouts = count_targets(gm).get("aten.dropout.default", 0)
+    first = remove_inference_noops(gm)
+    assert first.modified == (dropouts > 0 or first.details["removed_dropout"] > 0)
+    assert "aten.dropout.default" not in count_targets(first.module)
+    second = remove_inference_noops(first.module)
+    assert second.modified is False
+
+
+def test_observers_follow_tensorrt_placement_and_skip_float_layers(captured):
+    model, gm, example = captured
+    plan = quantization_plan(BuildConfig(), model)
+    result, quantizer = insert_observers(gm, plan)
+    assert result.modified and result.details["observers"] > 0
+    layers = result.details["quantized_layers"]
+    assert layers and all("time_emb" not in name and name not in ("conv_in", "conv_out") for name in layers)
+    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(result.details["float_layers"])
+    result.module(*example)
+    converted = materialize_qdq(result.module)
+    assert converted.modified
+    counts = count_targets(converted.module)
+    # One per-channel INT8 weight DQ per quantized layer; activations per-tensor.
+    assert counts["quantized_decomposed.dequantize_per_channel.default"] == len(layers)
+    assert counts["quantized_decomposed.quantize_per_tensor.default"] >= 1
+    with torch.no_grad():
+        stats = error_stats(gm(*example).numpy(), converted.module(*example).numpy())
+    assert stats["snr_db"] > 15.0, f"INT8 Q/DQ graph vs float: {stats}"
+
+
+def test_timestep_path_is_never_quantized(captured):
+    model, gm, example = captured
+    result, _ = insert_observers(gm, quantization_plan(BuildConfig(), model))
+    timestep = [n for n in result.module.graph.nodes if n.op == "placeholder"][1]
+    frontier, seen = [timestep], set()
+    while frontier:  # walk forward from the timestep until the first Conv/Linear consumer
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            assert not (user.op == "call_module" and "activation_post_process" in str(user.target)), \
+                f"observer on the timestep path at {user}"
+            if user.op == "call_function" and user.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+                continue
+            frontier.append(user)
+
+
+def test_include_and_exclude_globs_change_the_plan(captured):
+    model, gm, _ = captured
+    plan = quantization_plan(BuildConfig(exclude=("down_blocks.*",), include=("conv_in",)), model)
+    result, _ = insert_observers(gm, plan)
+    layers = result.details["quantized_layers"]
+    assert "conv_in" in layers and not any(n.startswith("down_blocks.") for n in layers)

@@ -1,0 +1,52 @@
+"""A failed or interrupted build leaves the previous folder or nothing; --force replaces atomically."""
+
+import pytest
+
+from qdc_export import build as build_module
+from qdc_export.config import BuildConfig
+from qdc_export.errors import OutputExistsError
+from qdc_export.staging import staged_folder
+
+
+def test_exception_inside_staging_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_folder(out, force=False) as staging:
+            (staging / "model.onnx").write_text("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_keeps_the_previous_build(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("previous")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(out, force=True) as staging:
+            (staging / "model.onnx").write_text("partial")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "manifest.json").read_text() == "previous"
+
+
+def test_force_replaces_and_no_force_refuses(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(OutputExistsError):
+        with staged_folder(out, force=False):
+            pass
+    with staged_folder(out, force=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_build_interrupted_during_export_leaves_no_folder(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "export_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_module.build("tiny-unet2d", BuildConfig(precision="fp32", steps=2), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
