@@ -19,10 +19,13 @@ from .config import BuildConfig
 from .export import export_onnx
 from .loading import LoadedModel, load_model
 from .manifest import canonical_json, package_versions, write_manifest
+from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
 from .passes.annotate import QuantizationPlan
 from .passes.cleanup import remove_inference_noops
 from .passes.qdq import insert_observers, materialize_qdq
-from .plugins.base import NOISE_PRED
+from .compensate import fit_compensation
+from .passes.fold_compensation import fold_compensation
+from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED
 from .sampling import make_scheduler, schedule_timesteps
 from .staging import staged_folder
 
@@ -30,6 +33,7 @@ MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.pt2"
 CONDITIONING_FILE = "conditioning.safetensors"
 PARITY_FILE = "parity.json"
+COMPENSATION_DIR = "compensation"
 
 
 @dataclass
@@ -59,8 +63,13 @@ class _Timer:
 
 def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPlan:
     excluded = tuple(model.adapter.default_float_layers) + tuple(config.exclude)
+    if config.ptq == "svdquant":
+        excluded += (SVDQUANT_FLOAT_GLOB,)  # SVDQuant's low-rank branch stays float
+    # w4a16: no activation quantization; w4a4: INT4 dynamic group activations come from the INT4 pass
+    activation_bits = {"w4a16": None, "w4a4": None}.get(config.precision, 8)
     return QuantizationPlan(
-        weight_bits=8, activation_bits=8, observer=config.observer, percentile=config.percentile,
+        weight_bits=4 if config.precision.startswith("w4") else 8, activation_bits=activation_bits,
+        observer=config.observer, percentile=config.percentile,
         quantize_attention=config.quantize_attention, float_layers=excluded, include=config.include,
     )
 
@@ -75,7 +84,9 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
     result = remove_inference_noops(gm)
     info["passes"].append({"name": "remove_inference_noops", "modified": result.modified, **result.details})
     gm = result.module
-    if config.quantized:
+    if config.precision.startswith("w4"):
+        gm = build_int4_graph(gm, model, config, quantization_plan(config, model), info, timer, progress)
+    elif config.quantized:
         plan = quantization_plan(config, model)
         with timer.stage("insert_observers"):
             observed, _ = insert_observers(gm, plan)
@@ -90,6 +101,7 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
             converted = materialize_qdq(observed.module)
         info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
         gm = converted.module
+    info.update(weight_summary(gm, config.precision))
     return gm, example, info
 
 
@@ -98,6 +110,29 @@ def io_description(model: LoadedModel) -> dict[str, Any]:
     out = model.adapter.output_spec(model.unet)
     outputs = [{"name": out.name, "shape": list(out.shape), "dtype": out.dtype}]
     return {"inputs": inputs, "outputs": outputs, "dynamic_axes": {"batch": "axis 0 of every input and output"}}
+
+
+def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], model: LoadedModel,
+                     config: BuildConfig, staging: Path, io: dict[str, Any]):
+    """Fit the tables on paired trajectories, fold them into the graph, save them, extend the I/O."""
+    tables = fit_compensation(gm, model, config)
+    folded, example = fold_compensation(gm, tables, example)
+    tables.save(staging / COMPENSATION_DIR)
+    if tables.uses_state:
+        shape = io["outputs"][0]["shape"]
+        io["inputs"].append({"name": COMP_STATE, "shape": shape, "dtype": "float32"})
+        io["outputs"].append({"name": COMP_STATE_OUT, "shape": shape, "dtype": "float32"})
+    description = {
+        "method": tables.method, "folded": folded.modified, "stateful": tables.uses_state,
+        "tables": f"{COMPENSATION_DIR}/", "rows": "step rows in scheduler order; row N is the identity",
+        "lookup": "row = argmin |timestep - timesteps[n]| if within tolerance else N",
+        "formula": "noise_pred = scale[r] * eps_q - prev[r] * comp_state - bias[r]",
+        "options": tables.options,
+    }
+    if tables.uses_state:
+        description["state"] = (f"{COMP_STATE}: the previous step's raw model output (zeros at the first step); "
+                                f"feed back {COMP_STATE_OUT}")
+    return folded.module, example, description
 
 
 def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool = False,
@@ -110,9 +145,15 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
     with staged_folder(out, force) as staging:
         gm, example, info = build_graph(model, config, progress=progress, timer=timer)
         io = io_description(model)
+        compensation: dict[str, Any] = {"method": "none"}
+        if config.compensation != "none":
+            with timer.stage("fit_compensation"):
+                gm, example, compensation = add_compensation(gm, example, model, config, staging, io)
+            info["passes"].append({"name": "fold_compensation", "modified": compensation["folded"]})
         input_names = [i["name"] for i in io["inputs"]]
+        output_names = [o["name"] for o in io["outputs"]]
         with timer.stage("export_onnx"):
-            export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=[NOISE_PRED])
+            export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names)
         with timer.stage("save_reference"):
             program = torch.export.export(gm, example, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in example),
                                           strict=False)
@@ -136,6 +177,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             },
             "io": io,
             "quantization": info,
+            "compensation": compensation,
             "tolerances": ParityTolerances().__dict__,
             "package_versions": package_versions(),
         }

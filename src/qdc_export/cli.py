@@ -65,15 +65,23 @@ def main() -> None:
 @click.option("--exclude", multiple=True, help="glob of layers to keep in float")
 @click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default="none", show_default=True)
 @click.option("--tcec-variant", type=click.Choice(["m0", "m1-analytic", "m1-fitted"]), default="m0", show_default=True)
+@click.option("--comp-fit-bias/--no-comp-fit-bias", default=False, show_default=True,
+              help="also fit a per-step, per-channel bias")
+@click.option("--comp-target", type=click.Choice(["same-input", "cumulative"]), default="same-input",
+              show_default=True, help="fit target of the m1-fitted variant")
+@click.option("--comp-ridge", type=float, default=1e-3, show_default=True, help="ridge strength (relative)")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--parity-samples", type=int, default=4, show_default=True)
+@click.option("--ptq", type=click.Choice(["rtn", "svdquant"]), default="rtn", show_default=True, help="INT4 PTQ method (svdquant: w4a4/w4a8)")
+@click.option("--svdquant-rank", type=int, default=32, show_default=True, help="rank of SVDQuant's low-rank branch")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="build folder to create")
 @click.option("--force", is_flag=True, help="replace an existing --out folder")
 @click.option("--no-check", is_flag=True, help="skip the parity check (not recommended)")
 @_user_errors
 def build(model, precision, scheduler, steps, calib_samples, observer, percentile, quantize_attention, include,
-          exclude, compensation, tcec_variant, target, parity_samples, seed, out, force, no_check) -> None:
+          exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, target, parity_samples,
+          ptq, svdquant_rank, seed, out, force, no_check) -> None:
     """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
     from .build import build as run_build
     from .check import summarize
@@ -82,7 +90,8 @@ def build(model, precision, scheduler, steps, calib_samples, observer, percentil
     config = BuildConfig(precision=precision, scheduler=scheduler, steps=steps, calib_samples=calib_samples,
                          observer=observer, percentile=percentile, quantize_attention=quantize_attention,
                          include=include, exclude=exclude, compensation=compensation, tcec_variant=tcec_variant,
-                         target=target, parity_samples=parity_samples, seed=seed)
+                         comp_fit_bias=comp_fit_bias, comp_target=comp_target, comp_ridge=comp_ridge, target=target, parity_samples=parity_samples, seed=seed,
+                         ptq=ptq, svdquant_rank=svdquant_rank)
     result = run_build(model, config, out, force=force, progress=True, run_check=not no_check)
     click.echo(f"built {out} ({precision}, {scheduler} x {steps} steps) in {sum(result.timings.values()):.1f} s")
     if result.parity:

@@ -15,6 +15,8 @@ OBSERVERS = ("minmax", "percentile", "mse")
 COMPENSATIONS = ("none", "tcec", "ptqd", "tac")
 TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
 TARGETS = ("onnxruntime", "tensorrt")
+PTQ_METHODS = ("rtn", "svdquant")
+WEIGHT_BLOCK_SIZES = (64, 128)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -37,8 +39,14 @@ class BuildConfig:
     guidance_scale: float | None = None
     compensation: str = "none"
     tcec_variant: str = "m0"
+    comp_fit_bias: bool = False
+    comp_target: str = "same-input"
+    comp_ridge: float = 1e-3
     target: str = "onnxruntime"
     parity_samples: int = 4
+    ptq: str = "rtn"
+    svdquant_rank: int = 32
+    weight_block_size: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -48,6 +56,7 @@ class BuildConfig:
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("tcec variant", self.tcec_variant, TCEC_VARIANTS)
         _check_choice("target", self.target, TARGETS)
+        _check_choice("compensation target", self.comp_target, ("same-input", "cumulative"))
         if self.steps < 1 or self.steps > 1000:
             raise UserError(f"--steps must be in 1..1000, got {self.steps}")
         if self.calib_samples < 1:
@@ -56,6 +65,17 @@ class BuildConfig:
             raise UserError(f"--parity-samples must be >= 1, got {self.parity_samples}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
+        _check_choice("ptq", self.ptq, PTQ_METHODS)
+        if self.weight_block_size not in WEIGHT_BLOCK_SIZES:
+            raise UserError(f"weight block size must be one of {WEIGHT_BLOCK_SIZES}, got {self.weight_block_size}")
+        if self.ptq == "svdquant" and self.precision not in ("w4a4", "w4a8"):
+            raise UserError(f"--ptq svdquant applies to w4a4 and w4a8, not {self.precision}")
+        if self.svdquant_rank < 1:
+            raise UserError(f"--svdquant-rank must be >= 1, got {self.svdquant_rank}")
+        if self.precision == "w4a4" and self.target == "tensorrt":
+            raise UserError("w4a4 cannot target TensorRT: TensorRT has no 4-bit activation quantization (INT4 is "
+                            "weight-only there; W4A4 needs a custom plugin). Use --target onnxruntime, or w4a8 / "
+                            "w4a16 for TensorRT")
         if self.precision == "fp32" and self.compensation != "none":
             raise UserError("compensation needs a quantized precision; fp32 has no quantization error")
         object.__setattr__(self, "include", tuple(self.include))

@@ -28,9 +28,12 @@ _SCHEDULER_CLASSES = {
 def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
     if name not in _SCHEDULER_CLASSES:
         raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(_SCHEDULER_CLASSES)}")
-    overrides: dict[str, Any] = {}
+    # x0 clipping and dynamic thresholding make the update nonlinear in the model output; the error
+    # propagation model (and so the compensation) assumes the linear update, so every build samples
+    # without them: FP reference and engine alike.
+    overrides: dict[str, Any] = {"clip_sample": False, "thresholding": False}
     if name == "dpmsolver++":
-        overrides = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+        overrides.update(algorithm_type="dpmsolver++", solver_order=2)
     return _SCHEDULER_CLASSES[name].from_config(base_config, **overrides)
 
 
