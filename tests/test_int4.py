@@ -1,0 +1,198 @@
+"""INT4: blockwise weights with clip search, w4a16 / w4a8 / w4a4 builds end to end (ONNX Runtime parity with
+the same statistical tolerances as w8a8), packed INT4 initializers, no custom ops, TensorRT rules, SVDQuant."""
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto
+
+from qdc_export.check import summarize
+from qdc_export.config import BuildConfig
+from qdc_export.engines.trt_rules import check_tensorrt_compatibility
+from qdc_export.errors import UserError
+from qdc_export.inspection import inspect_model
+from qdc_export.manifest import read_manifest
+from qdc_export.passes.int4 import (Int4Options, dequantize_blockwise, fake_quantize_int4_group, insert_recorders,
+                                    pack_int4_initializers, quantize_blockwise, quantize_int4, search_clip_ratio)
+from qdc_export.passes.svdquant import SvdQuantOptions, svdquant
+
+BUILDS = [  # (model, precision, overrides): each INT4 form once; tiny-sd is the SD-style reference
+    ("tiny-sd", "w4a16", {}),
+    ("tiny-sd", "w4a8", {}),
+    ("tiny-unet2d", "w4a4", {}),
+    ("tiny-unet2d", "w4a4", {"ptq": "svdquant"}),
+]
+IDS = ["sd-w4a16", "sd-w4a8", "unet2d-w4a4", "unet2d-w4a4-svdquant"]
+
+
+@pytest.mark.parametrize("model,precision,overrides", BUILDS, ids=IDS)
+def test_int4_build_passes_statistical_parity(build_factory, model, precision, overrides):
+    result = build_factory(model, precision, **overrides)
+    report = result.parity
+    assert report["mode"] == "statistical"
+    assert report["passed"], summarize(report)
+    assert report["worst"]["min_snr_db"] >= report["tolerances"]["step_min_snr_db"], summarize(report)
+    assert report["trajectory"]["gap_db"] <= report["tolerances"]["trajectory_psnr_margin_db"], summarize(report)
+
+
+@pytest.mark.parametrize("model,precision,overrides", BUILDS, ids=IDS)
+def test_int4_onnx_has_packed_int4_weights_and_no_custom_ops(build_factory, model, precision, overrides):
+    result = build_factory(model, precision, **overrides)
+    proto = onnx.load(str(result.out / "model.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [21]
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node), "custom ops in the export"
+    int4 = [i for i in proto.graph.initializer if i.data_type == TensorProto.INT4]
+    assert len(int4) == len(read_manifest(result.out)["quantization"]["quantized_layers"]), "one INT4 weight per layer"
+    blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 64 for a in n.attribute)]
+    assert len(blocked) >= len(int4)
+    # Linear weights: the exporter's Transpose is folded, DQ feeds MatMul directly (MatMulNBits fusion)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in producers
+               and producers[n.input[1]].op_type == "DequantizeLinear"
+               and producers[n.input[1]].input[0] in {i.name for i in int4}]
+    assert matmuls, "no INT4 DQ -> MatMul left after Transpose folding"
+    onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.parametrize("model,precision", [("tiny-sd", "w4a16"), ("tiny-sd", "w4a8")])
+def test_weight_only_int4_follows_tensorrt_rules(build_factory, model, precision):
+    proto = onnx.load(str(build_factory(model, precision).out / "model.onnx"))
+    violations = check_tensorrt_compatibility(proto)
+    assert violations == [], [str(v) for v in violations[:5]]
+    assert read_manifest(build_factory(model, precision).out)["quantization"]["deployable_on"] == \
+        ["onnxruntime", "tensorrt"]
+
+
+def test_w4a4_is_onnxruntime_only(build_factory):
+    result = build_factory("tiny-unet2d", "w4a4")
+    proto = onnx.load(str(result.out / "model.onnx"))
+    rules = {v.rule for v in check_tensorrt_compatibility(proto)}
+    assert "R4" in rules  # INT4 activations: not expressible in TensorRT
+    assert read_manifest(result.out)["quantization"]["deployable_on"] == ["onnxruntime"]
+    with pytest.raises(UserError, match="TensorRT"):
+        BuildConfig(precision="w4a4", target="tensorrt")
+
+
+def test_config_validates_ptq_options():
+    with pytest.raises(UserError, match="svdquant"):
+        BuildConfig(precision="w4a16", ptq="svdquant")
+    with pytest.raises(UserError, match="rank"):
+        BuildConfig(precision="w4a4", ptq="svdquant", svdquant_rank=0)
+    with pytest.raises(UserError, match="ptq"):
+        BuildConfig(precision="w4a4", ptq="awq")
+    assert BuildConfig.from_dict(BuildConfig(precision="w4a8", ptq="svdquant").to_dict()).ptq == "svdquant"
+
+
+def test_inspect_and_manifest_report_int4(build_factory):
+    w4a16 = build_factory("tiny-sd", "w4a16")
+    info = inspect_model(w4a16.out)
+    weights = {layer["weight"] for layer in info["layers"]}
+    assert "int4" in weights and "float" in weights  # float-kept layers (conv_in, time embedding, ...)
+    assert info["weight_bytes_by_dtype"]["int4"] > 0
+    assert read_manifest(w4a16.out)["quantization"]["weight_bytes_by_dtype"]["int4"] > 0
+    w4a4 = inspect_model(build_factory("tiny-unet2d", "w4a4").out)
+    assert any(layer["weight"] == "int4" and layer["activation"] == "int4" for layer in w4a4["layers"])
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_blockwise_round_trip_is_exact_on_the_grid():
+    torch.manual_seed(0)
+    out_features, k, block = 6, 200, 64  # ragged last block (200 = 3 * 64 + 8)
+    q = torch.randint(-7, 8, (out_features, k), dtype=torch.int8)
+    q[:, ::block] = 7  # every block reaches the top of the grid, so max|w| / 7 is its scale
+    scale = 2.0 ** torch.randint(-10, -2, (out_features, -(-k // block))).float()  # exact in float32
+    w = dequantize_blockwise(q, scale, block)
+    q2, scale2 = quantize_blockwise(w, block)
+    assert torch.equal(q2, q) and torch.equal(scale2, scale)
+    assert torch.equal(dequantize_blockwise(q2, scale2, block), w)
+
+
+def test_clip_search_never_worse_than_ratio_one():
+    torch.manual_seed(1)
+    for trial in range(5):
+        w = torch.randn(32, 128)
+        w[torch.rand_like(w) < 0.01] *= 8  # weight outliers: clipping pays
+        x = torch.randn(256, 128)
+        ratio, errors = search_clip_ratio(w, x, 64)
+        assert errors[ratio] <= errors[1.0]
+    assert search_clip_ratio(w, None, 64) == (1.0, {})
+
+
+def test_group_activation_quantization_matches_onnx_semantics():
+    x = torch.tensor([[0.5, -1.0, 0.25, 0.7, 7.0, 3.5, -2.5, 0.0]])
+    y = fake_quantize_int4_group(x, 1, 4)
+    # group 2: scale max|x| / 7 = 1; ties round half to even as ONNX QuantizeLinear does (3.5 -> 4, -2.5 -> -2)
+    assert torch.equal(y[0, 4:], torch.tensor([7.0, 4.0, -2.0, 0.0]))
+    assert torch.allclose(y[0, :4], torch.round(x[0, :4] * 7) / 7, atol=1e-6)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, k: int = 128, o: int = 96) -> None:
+        super().__init__()
+        self.unet = torch.nn.Module()
+        self.unet.proj = torch.nn.Linear(k, o)
+
+    def forward(self, x):
+        return self.unet.proj(x)
+
+
+def _graph(module, x):
+    return torch.export.export(module, (x,), strict=False).module()
+
+
+def _outlier_inputs(k: int = 128, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    xs = []
+    for _ in range(n):
+        x = torch.randn(1, 16, k, generator=g)
+        x[..., [5, 40, 77]] *= 40.0  # a few outlier channels, as in diffusion transformer activations
+        xs.append(x)
+    return xs
+
+
+def test_svdquant_reduces_w4a4_layer_error_vs_rtn():
+    torch.manual_seed(0)
+    module = _Linear().eval()
+    xs = _outlier_inputs()
+    test_x = _outlier_inputs(n=5)[-1]  # same distribution, not among the calibration inputs
+    reference = module(test_x)
+
+    def w4a4(ptq: str) -> torch.Tensor:
+        gm = _graph(module, xs[0])
+        acts = {"proj": list(xs)}
+        if ptq == "svdquant":
+            result, acts = svdquant(gm, ["proj"], acts, SvdQuantOptions(rank=8, rank_divisor=4))
+            assert result.modified and result.details["layers"]["proj"]["error"] < \
+                result.details["layers"]["proj"]["rtn_error"]
+        quantize_int4(gm, ["proj"], Int4Options(activation_group=64), acts)
+        with torch.no_grad():
+            return gm(test_x)
+
+    rtn_err = float(((w4a4("rtn") - reference) ** 2).mean())
+    svd_err = float(((w4a4("svdquant") - reference) ** 2).mean())
+    print(f"W4A4 layer MSE: rtn {rtn_err:.4g}, svdquant {svd_err:.4g}")
+    assert svd_err < 0.5 * rtn_err
+
+
+def test_passes_report_modified_honestly():
+    module = _Linear().eval()
+    x = torch.randn(1, 4, 128)
+    gm = _graph(module, x)
+    assert not quantize_int4(gm, [], Int4Options()).modified
+    assert not insert_recorders(gm, []).modified
+    result, _ = svdquant(gm, ["proj"], {}, SvdQuantOptions())  # no recorded inputs: nothing to do
+    assert not result.modified
+    fp = torch.onnx.export(gm, (x,), dynamo=True, opset_version=21, verbose=False).model_proto
+    _, counts = pack_int4_initializers(fp)
+    assert counts == {"int4_initializers": 0, "transposes_folded": 0}
+    # and the real thing does modify, and stays numerically the same graph
+    before = gm(x)
+    assert quantize_int4(gm, ["proj"], Int4Options()).modified
+    assert not quantize_int4(gm, ["proj"], Int4Options()).modified  # already INT4: nothing left to do
+    w = module.unet.proj.weight.detach()
+    expected = F.linear(x, dequantize_blockwise(*quantize_blockwise(w, 64), 64), module.unet.proj.bias)
+    assert torch.allclose(gm(x), expected, atol=1e-6) and not torch.equal(gm(x), before)
