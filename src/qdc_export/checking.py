@@ -35,6 +35,7 @@ def load_onnx_checked(path: Path) -> onnx.ModelProto:
 
 def load_reference(path: Path) -> Any:
     import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops used by the graph
+    import qdc_export.passes.int4  # noqa: F401  registers the qdc:: INT4 ops used by INT4 graphs
 
     try:
         return torch.export.load(str(path)).module()

@@ -1,6 +1,10 @@
 """ONNX export (opset 21, standard QuantizeLinear/DequantizeLinear, no custom ops) through
 torch.onnx.export(dynamo=True). INT8 weights stay INT8 initializers behind DequantizeLinear; models
-over 2 GB are written with external data. Every file passes onnx.checker's full check."""
+over 2 GB are written with external data. Every file passes onnx.checker's full check.
+
+INT4: the graph's ``qdc::`` ops (:mod:`qdc_export.passes.int4`) are translated to standard opset-21
+blocked DequantizeLinear / QuantizeLinear through ``custom_translation_table``; a post-pass then stores
+the INT4 weights as packed INT4 initializers and folds the Linear Transpose (no custom ops remain)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import onnx
 import torch
+
+from .passes.int4 import ONNX_TRANSLATIONS, pack_int4_initializers
 
 OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
@@ -25,9 +31,17 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
         program = torch.onnx.export(
             module, example, input_names=input_names, output_names=output_names, opset_version=OPSET,
             dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,
+            custom_translation_table=ONNX_TRANSLATIONS,
         )
     assert program is not None
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
+    has_int4 = any(n.op == "call_function" and str(n.target).startswith("qdc.")
+                   for n in getattr(module, "graph", torch.fx.Graph()).nodes)
+    if has_int4:
+        proto, _ = pack_int4_initializers(program.model_proto)
+        onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_THRESHOLD,
+                  location=path.name + ".data")
+    else:
+        program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
     onnx.checker.check_model(str(path), full_check=True)
     return onnx.load(str(path), load_external_data=False)

@@ -51,6 +51,9 @@ def layer_precisions(model: onnx.ModelProto) -> list[dict[str, str]]:
                 q = producers.get(src)
                 if q is not None and q.op_type == "QuantizeLinear" and len(q.input) > 2 and q.input[2] in inits:
                     dtype = _DTYPE_NAMES.get(inits[q.input[2]].data_type, "?")
+                elif q is not None and q.op_type == "QuantizeLinear":  # no zero point: opset-21 output_dtype
+                    out_dtype = next((a.i for a in q.attribute if a.name == "output_dtype"), 0)
+                    dtype = _DTYPE_NAMES.get(out_dtype, "uint8") if out_dtype else "uint8"
             return dtype, const
         if name in inits:
             return _DTYPE_NAMES.get(inits[name].data_type, "?"), True
