@@ -164,7 +164,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         content = {
             "qdc_export_version": __version__,
             "model": {"source": model.source, "adapter": model.adapter.name,
-                      "unet_class": type(model.unet).__name__, "unet_config": dict(model.unet.config)},
+                      "unet_class": type(model.unet).__name__, "unet_config": {k: v for k, v in model.unet.config.items() if not k.startswith("_")}},
             "build": config.to_dict(),
             "scheduler": {"name": config.scheduler, "class": type(scheduler).__name__,
                           "config": dict(scheduler.config), "steps": config.steps,

@@ -41,7 +41,7 @@ def artifact_hashes(folder: Path) -> dict[str, str]:
 
 
 def canonical_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=True, default=str) + "\n"
 
 
 UNHASHED_KEYS = ("created", "timings_s")
