@@ -27,12 +27,13 @@ def build_factory(tmp_path_factory):
 
     cache: dict[tuple, object] = {}
 
-    def make(model: str, precision: str, **overrides):
-        key = (model, precision, tuple(sorted(overrides.items())))
+    def make(model: str, precision: str, *, write_report: bool = False, **overrides):
+        # report.html is off by default here (tests/test_report.py asks for it): it samples images per build
+        key = (model, precision, write_report, tuple(sorted(overrides.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp("builds") / f"{model}-{precision}"
             config = BuildConfig(precision=precision, **{**FAST, **overrides})
-            cache[key] = build(model, config, out, force=False)
+            cache[key] = build(model, config, out, force=False, write_report=write_report)
         return cache[key]
 
     return make

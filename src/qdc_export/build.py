@@ -136,7 +136,7 @@ def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
 
 
 def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool = False,
-          progress: bool = False, run_check: bool = True) -> BuildResult:
+          progress: bool = False, run_check: bool = True, write_report: bool = True) -> BuildResult:
     from .checking import check_build  # check imports the build's artifacts; avoid a cycle at import time
 
     timer = _Timer()
@@ -190,4 +190,9 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             content["parity_summary"] = summarize(parity)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         manifest = write_manifest(staging, content, unhashed={"created": created, "timings_s": timer.timings})
+        if write_report:  # derived from the artifacts above, written after the manifest (not hashed)
+            from .report import write_report as _write_report
+
+            with timer.stage("report"):
+                _write_report(staging, model=model, num=8)
     return BuildResult(out, manifest, parity, timer.timings)

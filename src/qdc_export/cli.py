@@ -139,6 +139,21 @@ def sample(build_dir, seed, num, out, provider, force) -> None:
 
 
 @main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--num", type=int, default=8, show_default=True, help="images in the grid (evaluation seeds 0..NUM-1)")
+@click.option("--force", is_flag=True, help="replace an existing report")
+@_user_errors
+def report(build_dir, num, force) -> None:
+    """Write BUILD_DIR/report.html: image grid, latent error curves, per-layer sensitivity, parity."""
+    from .report import write_report
+
+    if not build_dir.is_dir():
+        raise UserError(f"{build_dir} is not a folder")
+    path = write_report(build_dir, num=num, force=force)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--verbose", "-v", is_flag=True, help="list every layer")
 @click.option("--json", "as_json", is_flag=True)

@@ -1,0 +1,111 @@
+"""report.html: written by the build, references PNGs that exist, and its PSNR numbers are metrics.psnr of the
+FP model's images and the engine's images, recomputed here independently of the report code."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qdc_export.cli import main
+from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.loading import load_model
+from qdc_export.metrics import psnr
+from qdc_export.report import REPORT_DIR, REPORT_FILE, write_report
+from qdc_export.sampling import TorchDenoiser, initial_latents, latents_to_images, make_scheduler, run_sampler
+
+PSNR_ATOL_DB = 1e-6  # same computation on the same float32 images: only summation-order noise is allowed
+NUM = 4
+
+
+def _referenced_files(html: str) -> list[str]:
+    return re.findall(r"(?:src|href)='([^']+)'", html)
+
+
+def _finals(denoiser, model, scheduler_name: str, steps: int, seeds: list[int]) -> torch.Tensor:
+    scheduler = make_scheduler(scheduler_name, model.scheduler_config)
+    shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
+    latents = initial_latents(shape, seeds, float(scheduler.init_noise_sigma))
+    traj = run_sampler(denoiser, scheduler, steps, latents, {}, None, 1.0, record=False)
+    return latents_to_images(traj.final)
+
+
+@pytest.fixture(scope="module")
+def compensated(build_factory):
+    return build_factory("tiny-unet2d", "w8a8", compensation="tcec", tcec_variant="m0", write_report=True)
+
+
+def test_build_writes_report_with_existing_pngs(compensated):
+    html_path = compensated.out / REPORT_FILE
+    assert html_path.is_file()
+    html = html_path.read_text()
+    refs = _referenced_files(html)
+    pngs = [r for r in refs if r.endswith(".png")]
+    assert {Path(p).name for p in pngs} >= {"images.png", "latent_error.png", "layer_sensitivity.png"}
+    for ref in refs:
+        assert (compensated.out / ref).is_file(), f"report references missing {ref}"
+    assert "Parity" in html and ("PASS" in html or "FAIL" in html)
+
+
+def test_report_psnr_matches_metrics_psnr(compensated):
+    out = compensated.out
+    model = load_model("tiny-unet2d")
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps, sched = manifest["build"]["steps"], manifest["build"]["scheduler"]
+    summary = json.loads((out / REPORT_DIR / "report.json").read_text())
+    seeds = summary["seeds"]
+    fp = _finals(TorchDenoiser(model.adapter.wrap(model.unet).eval(), []), model, sched, steps, seeds)
+    engine = _finals(OrtDenoiser.from_path(out / "model.onnx"), model, sched, steps, seeds)
+    expected = psnr(fp, engine)
+    reported = torch.tensor(summary["psnr_db"]["compensated"], dtype=torch.float64)
+    diff = (expected - reported).abs()
+    assert float(diff.max()) <= PSNR_ATOL_DB, f"max |dPSNR| {float(diff.max()):.3g} dB > {PSNR_ATOL_DB}"
+    # the HTML shows the same values (2 decimals) and carries them in full in data-psnr
+    html = (out / REPORT_FILE).read_text()
+    shown = [float(v) for v in re.findall(r"data-psnr='([^']+)'", html)]
+    assert len(shown) == 2 * len(seeds)  # two quantized columns
+    for value in summary["psnr_db"]["compensated"]:
+        assert any(abs(value - s) <= PSNR_ATOL_DB for s in shown)
+    assert f"{float(expected[0]):.2f}" in html
+
+
+def test_uncompensated_column_undoes_the_head(compensated, build_factory):
+    """Column 2 of a compensated build (head undone) equals the engine of the same build without compensation:
+    the quantized graph is identical (same calibration), only the head differs."""
+    plain = build_factory("tiny-unet2d", "w8a8")
+    model = load_model("tiny-unet2d")
+    summary = json.loads((compensated.out / REPORT_DIR / "report.json").read_text())
+    seeds = summary["seeds"]
+    manifest = json.loads((plain.out / "manifest.json").read_text())
+    fp = _finals(TorchDenoiser(model.adapter.wrap(model.unet).eval(), []), model, "ddim", manifest["build"]["steps"], seeds)
+    engine = _finals(OrtDenoiser.from_path(plain.out / "model.onnx"), model, "ddim", manifest["build"]["steps"], seeds)
+    expected = psnr(fp, engine)
+    reported = torch.tensor(summary["psnr_db"]["no_compensation"], dtype=torch.float64)
+    # head inversion is exact up to float32 rounding of (y + b) / s: allow 0.05 dB at these PSNRs
+    assert float((expected - reported).abs().max()) <= 0.05, (expected, reported)
+
+
+def test_report_cli_refuses_overwrite_then_forces(compensated, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", str(compensated.out), "--num", "2"])
+    assert result.exit_code == 1 and "--force" in result.output
+    result = runner.invoke(main, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "not a folder" in result.output
+
+
+def test_report_without_compensation_fits_m0_on_the_fly(build_factory, tmp_path):
+    plain = build_factory("tiny-unet2d", "w8a8")
+    import shutil
+
+    folder = tmp_path / "build"
+    shutil.copytree(plain.out, folder)
+    path = write_report(folder, num=2, force=True, sensitivity=False)
+    summary = json.loads((folder / REPORT_DIR / "report.json").read_text())
+    assert "tcec-m0" in summary["third_column"] and "outside the engine" in summary["third_column"]
+    assert len(summary["psnr_db"]["compensated"]) == 2
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in summary["latent_rel_error"].values())
+    assert "layer_sensitivity.png" not in path.read_text()
