@@ -25,9 +25,10 @@ from .passes.cleanup import remove_inference_noops
 from .passes.qdq import insert_observers, materialize_qdq
 from .compensate import fit_compensation
 from .passes.fold_compensation import fold_compensation
-from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED
+from .plugins.base import COMP_STATE, COMP_STATE_OUT
 from .sampling import make_scheduler, schedule_timesteps
 from .staging import staged_folder
+from .targets import prepare_tensorrt
 
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.pt2"
@@ -154,6 +155,11 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         output_names = [o["name"] for o in io["outputs"]]
         with timer.stage("export_onnx"):
             export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names)
+        if config.target == "tensorrt":
+            with timer.stage("tensorrt"):
+                deploy = prepare_tensorrt(staging, io, MODEL_FILE, config.trt_batch_range)
+        else:
+            deploy = {}
         with timer.stage("save_reference"):
             program = torch.export.export(gm, example, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in example),
                                           strict=False)
@@ -178,6 +184,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             "io": io,
             "quantization": info,
             "compensation": compensation,
+            "target": {"name": config.target, **deploy},
             "tolerances": ParityTolerances().__dict__,
             "package_versions": package_versions(),
         }

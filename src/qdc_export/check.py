@@ -169,6 +169,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
         }
         passed = passed and gap <= tol.trajectory_psnr_margin_db
     report["passed"] = passed
+    report["_feeds"], report["_results"] = recorder.feeds, results  # for goldens; popped by callers
     return report
 
 

@@ -13,6 +13,7 @@ from .check import ParityCase, ParityTolerances, run_parity
 from .engines.onnxruntime import OrtDenoiser
 from .engines.providers import create_session
 from .errors import UserError
+from .goldens import backend_runner, compare_against, save_goldens
 from .loading import LoadedModel, load_model
 from .manifest import read_manifest, verify_artifacts
 from .plugins.base import COMP_STATE
@@ -49,7 +50,10 @@ def model_source_arg(manifest: dict[str, Any]) -> str:
 
 
 def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[int] | None = None,
-                tolerances: ParityTolerances | None = None, provider: str = "cpu") -> dict[str, Any]:
+                tolerances: ParityTolerances | None = None, provider: str = "cpu",
+                save_goldens_to: Path | None = None) -> dict[str, Any]:
+    """Parity of the build's ONNX model (ONNX Runtime, ``provider``) against its PyTorch reference graph;
+    optionally saves the step inputs and ONNX Runtime's outputs as goldens for ``check --against``."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_artifacts(folder, manifest)
@@ -71,4 +75,18 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
         conditioning=model.conditioning, quantized=build["precision"] != "fp32",
     )
     seeds = seeds or [PARITY_SEED_OFFSET + i for i in range(int(build["parity_samples"]))]
-    return run_parity(case, seeds, tolerances)
+    report = run_parity(case, seeds, tolerances)
+    feeds, results = report.pop("_feeds"), report.pop("_results")
+    if save_goldens_to is not None:
+        save_goldens(Path(save_goldens_to), feeds, results, precision=build["precision"])
+    return report
+
+
+def check_against(folder: Path, goldens: Path, *, backend: str = "onnxruntime", provider: str = "cpu",
+                  tolerances: ParityTolerances | None = None) -> dict[str, Any]:
+    """Run this machine's backend on the goldens' step inputs and compare with the saved outputs."""
+    folder = Path(folder)
+    verify_artifacts(folder, read_manifest(folder))
+    if not Path(goldens).is_file():
+        raise UserError(f"goldens file {goldens} does not exist")
+    return compare_against(Path(goldens), backend_runner(folder, backend, provider), tolerances)

@@ -30,6 +30,14 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _parse_range(text: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"expected MIN:OPT:MAX integers, got {text!r}") from None
+    return lo, opt, hi
+
+
 def _user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -71,6 +79,8 @@ def main() -> None:
               show_default=True, help="fit target of the m1-fitted variant")
 @click.option("--comp-ridge", type=float, default=1e-3, show_default=True, help="ridge strength (relative)")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--trt-batch-range", default="1:2:8", show_default=True,
+              help="TensorRT optimization profile batch MIN:OPT:MAX (--target tensorrt)")
 @click.option("--parity-samples", type=int, default=4, show_default=True)
 @click.option("--ptq", type=click.Choice(["rtn", "svdquant"]), default="rtn", show_default=True, help="INT4 PTQ method (svdquant: w4a4/w4a8)")
 @click.option("--svdquant-rank", type=int, default=32, show_default=True, help="rank of SVDQuant's low-rank branch")
@@ -80,7 +90,7 @@ def main() -> None:
 @click.option("--no-check", is_flag=True, help="skip the parity check (not recommended)")
 @_user_errors
 def build(model, precision, scheduler, steps, calib_samples, observer, percentile, quantize_attention, include,
-          exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, target, parity_samples,
+          exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, target, trt_batch_range, parity_samples,
           ptq, svdquant_rank, seed, out, force, no_check) -> None:
     """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
     from .build import build as run_build
@@ -90,7 +100,8 @@ def build(model, precision, scheduler, steps, calib_samples, observer, percentil
     config = BuildConfig(precision=precision, scheduler=scheduler, steps=steps, calib_samples=calib_samples,
                          observer=observer, percentile=percentile, quantize_attention=quantize_attention,
                          include=include, exclude=exclude, compensation=compensation, tcec_variant=tcec_variant,
-                         comp_fit_bias=comp_fit_bias, comp_target=comp_target, comp_ridge=comp_ridge, target=target, parity_samples=parity_samples, seed=seed,
+                         comp_fit_bias=comp_fit_bias, comp_target=comp_target, comp_ridge=comp_ridge, target=target,
+                         trt_batch_range=_parse_range(trt_batch_range), parity_samples=parity_samples, seed=seed,
                          ptq=ptq, svdquant_rank=svdquant_rank)
     result = run_build(model, config, out, force=force, progress=True, run_check=not no_check)
     click.echo(f"built {out} ({precision}, {scheduler} x {steps} steps) in {sum(result.timings.values()):.1f} s")
@@ -102,20 +113,40 @@ def build(model, precision, scheduler, steps, calib_samples, observer, percentil
 
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt runs the build's model.engine and needs --against")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider")
 @click.option("--seeds", type=int, default=None, help="number of parity trajectories (default: the build's)")
+@click.option("--against", "against", type=click.Path(path_type=Path), default=None,
+              help="compare with goldens saved by --save-goldens (possibly on another machine)")
+@click.option("--save-goldens", "save_goldens", type=click.Path(path_type=Path), default=None,
+              help="save the step inputs and ONNX Runtime outputs as goldens JSON")
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
 @_user_errors
-def check(build_dir, backend, provider, seeds, as_json) -> None:
+def check(build_dir, backend, provider, seeds, against, save_goldens, as_json) -> None:
     """Check a build folder's ONNX model against its PyTorch reference graph and the FP model."""
     from .check import summarize
-    from .checking import PARITY_SEED_OFFSET, check_build
+    from .checking import PARITY_SEED_OFFSET, check_against, check_build
 
     if not build_dir.is_dir():
         raise UserError(f"{build_dir} is not a folder")
+    if against is not None:
+        report = check_against(build_dir, against, backend=backend, provider=provider)
+        w = report["worst"]
+        click.echo(json.dumps(report, indent=2) if as_json else
+                   f"{'PASS' if report['passed'] else 'FAIL'} {report['runner']} vs goldens by {report['golden_made_by']} "
+                   f"({report['mode']}): max abs {w['max_abs']:.3g}, p99 {w['p99_abs']:.3g}, "
+                   f"min SNR {w['min_snr_db']:.1f} dB, min cosine {w['min_cosine']:.5f}")
+        if not report["passed"]:
+            raise UserError("check against goldens failed")
+        return
+    if backend == "tensorrt":
+        raise UserError("--backend tensorrt compares the engine with goldens: pass --against goldens.json")
+    if save_goldens is not None and save_goldens.exists():
+        raise UserError(f"{save_goldens} exists; remove it first")
     seed_list = [PARITY_SEED_OFFSET + i for i in range(seeds)] if seeds else None
-    report = check_build(build_dir, seeds=seed_list, provider=provider)
+    report = check_build(build_dir, seeds=seed_list, provider=provider, save_goldens_to=save_goldens)
     click.echo(json.dumps(report, indent=2) if as_json else summarize(report))
     if not report["passed"]:
         raise UserError("parity check failed")

@@ -43,6 +43,7 @@ class BuildConfig:
     comp_target: str = "same-input"
     comp_ridge: float = 1e-3
     target: str = "onnxruntime"
+    trt_batch_range: tuple[int, int, int] = (1, 2, 8)
     parity_samples: int = 4
     ptq: str = "rtn"
     svdquant_rank: int = 32
@@ -78,6 +79,10 @@ class BuildConfig:
                             "w4a16 for TensorRT")
         if self.precision == "fp32" and self.compensation != "none":
             raise UserError("compensation needs a quantized precision; fp32 has no quantization error")
+        object.__setattr__(self, "trt_batch_range", tuple(int(b) for b in self.trt_batch_range))
+        lo, opt, hi = self.trt_batch_range
+        if not 0 < lo <= opt <= hi:
+            raise UserError(f"--trt-batch-range must satisfy 0 < min <= opt <= max, got {lo}:{opt}:{hi}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

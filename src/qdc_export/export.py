@@ -22,6 +22,21 @@ OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 
 
+KEPT_METADATA = ("namespace",)  # the module path of each node: what `inspect` and TensorRT errors name
+
+
+def strip_exporter_metadata(model) -> None:
+    """Drop the exporter's per-node stack traces, FX node dumps and class hierarchies: about half of a
+    small model's file, machine-specific (paths), and of no use to a runtime."""
+    for node in model.graph.all_nodes():
+        for key in [k for k in node.metadata_props if k not in KEPT_METADATA]:
+            del node.metadata_props[key]
+        for value in node.outputs:
+            value.metadata_props.clear()
+    for value in (*model.graph.inputs, *model.graph.initializers.values()):
+        value.metadata_props.clear()
+
+
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, *,
                 input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
     batch = torch.export.Dim("batch")
@@ -34,6 +49,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
             custom_translation_table=ONNX_TRANSLATIONS,
         )
     assert program is not None
+    strip_exporter_metadata(program.model)
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     has_int4 = any(n.op == "call_function" and str(n.target).startswith("qdc.")
                    for n in getattr(module, "graph", torch.fx.Graph()).nodes)
