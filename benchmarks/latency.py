@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def find_or_build(model_name: str, precision: str, sampler: str, methods: list[str], cache: Path) -> dict[str, Path]:
+def find_or_build(
+    model_name: str, precision: str, sampler: str, methods: list[str], cache: Path
+) -> dict[str, Path]:
     import hashlib
 
     from qdc_export.build import build_graph
@@ -45,7 +47,9 @@ def find_or_build(model_name: str, precision: str, sampler: str, methods: list[s
     paths, graph = {}, None
     for method in methods:
         config = method_config(base, method)
-        key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[
+            :12
+        ]
         folder = case_dir / f"{method}-{key}"
         if not (folder / "engine.json").is_file():
             if graph is None:
@@ -87,8 +91,9 @@ def graph_nodes(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def measure(paths: dict[str, Path], *, batch: int, runs: int, warmup: int, threads: int,
-            timestep: float) -> dict[str, Any]:
+def measure(
+    paths: dict[str, Path], *, batch: int, runs: int, warmup: int, threads: int, timestep: float
+) -> dict[str, Any]:
     sessions = {m: session(p, threads) for m, p in paths.items()}
     feeds = {m: feeds_for(s, batch, timestep) for m, s in sessions.items()}
     for _ in range(warmup):
@@ -105,10 +110,14 @@ def measure(paths: dict[str, Path], *, batch: int, runs: int, warmup: int, threa
     for m, ts in times.items():
         med = statistics.median(ts)
         q1, q3 = np.quantile(ts, [0.25, 0.75])
-        out[m] = {"median_ms": round(med, 4), "iqr_ms": [round(float(q1), 4), round(float(q3), 4)],
-                  "min_ms": round(min(ts), 4), "runs": len(ts),
-                  "overhead_pct": round(100 * (med / base - 1), 3),
-                  "overhead_min_pct": round(100 * (min(ts) / min(times["none"]) - 1), 3)}
+        out[m] = {
+            "median_ms": round(med, 4),
+            "iqr_ms": [round(float(q1), 4), round(float(q3), 4)],
+            "min_ms": round(min(ts), 4),
+            "runs": len(ts),
+            "overhead_pct": round(100 * (med / base - 1), 3),
+            "overhead_min_pct": round(100 * (min(ts) / min(times["none"]) - 1), 3),
+        }
     return out
 
 
@@ -121,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="digits-uncond")
     p.add_argument("--precision", default="w8a8")
     p.add_argument("--sampler", default="ddim20")
-    p.add_argument("--methods", default="none,tcec-m0,tcec-m1-fitted", help="'none' must be included (the baseline)")
+    p.add_argument(
+        "--methods", default="none,tcec-m0,tcec-m1-fitted", help="'none' must be included (the baseline)"
+    )
     p.add_argument("--batches", default="1,2")
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (1: steadier on a shared machine)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="ORT intra-op threads (1: steadier on a shared machine)"
+    )
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -135,38 +148,68 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     results: dict[str, Any] = {
-        "meta": {"command": "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                 "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider", "threads": args.threads,
-                 "runs": args.runs, "warmup": args.warmup, "machine": platform.processor() or platform.machine(),
-                 "cpus": os.cpu_count(), "note": "shared machine; runs interleaved across engines"},
+        "meta": {
+            "command": "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "onnxruntime": ort.__version__,
+            "provider": "CPUExecutionProvider",
+            "threads": args.threads,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "note": "shared machine; runs interleaved across engines",
+        },
         "rows": [],
     }
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         paths = find_or_build(model_name, args.precision, args.sampler, methods, args.cache)
         nodes = {m: graph_nodes(p) for m, p in paths.items()}
         for batch in [int(b) for b in args.batches.split(",")]:
-            stats = measure(paths, batch=batch, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                            timestep=500.0)
+            stats = measure(
+                paths, batch=batch, runs=args.runs, warmup=args.warmup, threads=args.threads, timestep=500.0
+            )
             for m, s in stats.items():
-                row = {"model": model_name, "precision": args.precision, "sampler": args.sampler, "batch": batch,
-                       "method": m, "graph_nodes": nodes[m], "added_nodes": nodes[m] - nodes["none"], **s}
+                row = {
+                    "model": model_name,
+                    "precision": args.precision,
+                    "sampler": args.sampler,
+                    "batch": batch,
+                    "method": m,
+                    "graph_nodes": nodes[m],
+                    "added_nodes": nodes[m] - nodes["none"],
+                    **s,
+                }
                 results["rows"].append(row)
-                print(f"{model_name} b{batch} {m:>16}: median {s['median_ms']:.3f} ms "
-                      f"(IQR {s['iqr_ms'][0]:.3f}-{s['iqr_ms'][1]:.3f}), overhead {s['overhead_pct']:+.2f} % "
-                      f"(by min {s['overhead_min_pct']:+.2f} %), +{row['added_nodes']} nodes", flush=True)
+                print(
+                    f"{model_name} b{batch} {m:>16}: median {s['median_ms']:.3f} ms "
+                    f"(IQR {s['iqr_ms'][0]:.3f}-{s['iqr_ms'][1]:.3f}), overhead {s['overhead_pct']:+.2f} % "
+                    f"(by min {s['overhead_min_pct']:+.2f} %), +{row['added_nodes']} nodes",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latency.json").write_text(json.dumps(results, indent=1))
-    lines = ["# Compensation overhead: ONNX Runtime CPU latency per engine call", "",
-             f"Median of {args.runs} runs after {args.warmup} warmup runs, runs interleaved across engines, "
-             f"{args.threads} intra-op thread(s), ONNX Runtime {ort.__version__}, CPUExecutionProvider, on a shared "
-             f"{os.cpu_count()}-core machine (other jobs running: read differences under ~1-2 % as noise). "
-             f"Generated by `{results['meta']['command'].strip()}`.", "",
-             "| model | precision | batch | method | median ms (IQR) | overhead vs none (median) | (by min) "
-             "| added ONNX nodes |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Compensation overhead: ONNX Runtime CPU latency per engine call",
+        "",
+        (
+            f"Median of {args.runs} runs after {args.warmup} warmup runs, runs interleaved across engines, "
+            f"{args.threads} intra-op thread(s), ONNX Runtime {ort.__version__}, CPUExecutionProvider, on a shared "
+            f"{os.cpu_count()}-core machine (other jobs running: read differences under ~1-2 % as noise). "
+            f"Generated by `{results['meta']['command'].strip()}`."
+        ),
+        "",
+        (
+            "| model | precision | batch | method | median ms (IQR) | overhead vs none (median) | (by min) "
+            "| added ONNX nodes |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['precision']} | {r['batch']} | {r['method']} | {r['median_ms']:.3f} "
-                     f"({r['iqr_ms'][0]:.3f}-{r['iqr_ms'][1]:.3f}) | {r['overhead_pct']:+.2f} % | "
-                     f"{r['overhead_min_pct']:+.2f} % | {r['added_nodes']} |")
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['batch']} | {r['method']} | {r['median_ms']:.3f} "
+            f"({r['iqr_ms'][0]:.3f}-{r['iqr_ms'][1]:.3f}) | {r['overhead_pct']:+.2f} % | "
+            f"{r['overhead_min_pct']:+.2f} % | {r['added_nodes']} |"
+        )
     (args.out / "latency.md").write_text("\n".join(lines) + "\n")
     return 0
 

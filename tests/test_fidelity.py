@@ -26,8 +26,13 @@ def test_fp_against_itself_is_exact(tmp_path):
 
 
 def test_w8a8_engine_row(tmp_path):
-    rows = evaluate_case(Case("tiny-unet2d", "w8a8", "ddim", STEPS), ["none", "tcec-m0"], num_images=NUM,
-                         cache_dir=tmp_path, base_config=BuildConfig(calib_samples=2))
+    rows = evaluate_case(
+        Case("tiny-unet2d", "w8a8", "ddim", STEPS),
+        ["none", "tcec-m0"],
+        num_images=NUM,
+        cache_dir=tmp_path,
+        base_config=BuildConfig(calib_samples=2),
+    )
     assert [r["method"] for r in rows] == ["none", "tcec-m0"]
     for row in rows:
         p, s = row["psnr_db"], row["ssim"]

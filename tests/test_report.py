@@ -81,8 +81,16 @@ def test_uncompensated_column_undoes_the_head(compensated, build_factory):
     summary = json.loads((compensated.out / REPORT_DIR / "report.json").read_text())
     seeds = summary["seeds"]
     manifest = json.loads((plain.out / "manifest.json").read_text())
-    fp = _finals(TorchDenoiser(model.adapter.wrap(model.unet).eval(), []), model, "ddim", manifest["build"]["steps"], seeds)
-    engine = _finals(OrtDenoiser.from_path(plain.out / "model.onnx"), model, "ddim", manifest["build"]["steps"], seeds)
+    fp = _finals(
+        TorchDenoiser(model.adapter.wrap(model.unet).eval(), []),
+        model,
+        "ddim",
+        manifest["build"]["steps"],
+        seeds,
+    )
+    engine = _finals(
+        OrtDenoiser.from_path(plain.out / "model.onnx"), model, "ddim", manifest["build"]["steps"], seeds
+    )
     expected = psnr(fp, engine)
     reported = torch.tensor(summary["psnr_db"]["no_compensation"], dtype=torch.float64)
     # head inversion is exact up to float32 rounding of (y + b) / s: allow 0.05 dB at these PSNRs

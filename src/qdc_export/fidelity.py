@@ -42,13 +42,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "tcec-m1-analytic": {"compensation": "tcec", "tcec_variant": "m1-analytic"},
     "tcec-m1-fitted": {"compensation": "tcec", "tcec_variant": "m1-fitted"},
     "tcec-m0-bias": {"compensation": "tcec", "tcec_variant": "m0", "comp_fit_bias": True},
-    "tcec-m1-fitted-cumulative": {"compensation": "tcec", "tcec_variant": "m1-fitted",
-                                  "comp_target": "cumulative"},
+    "tcec-m1-fitted-cumulative": {
+        "compensation": "tcec",
+        "tcec_variant": "m1-fitted",
+        "comp_target": "cumulative",
+    },
 }
 DEFAULT_METHODS = ("none", "ptqd", "tac", "tcec-m0", "tcec-m1-analytic", "tcec-m1-fitted")
 # Named samplers -> (scheduler, steps).
 SAMPLERS: dict[str, tuple[str, int]] = {
-    "ddim20": ("ddim", 20), "ddim50": ("ddim", 50), "dpmsolver++20": ("dpmsolver++", 20), "euler30": ("euler", 30),
+    "ddim20": ("ddim", 20),
+    "ddim50": ("ddim", 50),
+    "dpmsolver++20": ("dpmsolver++", 20),
+    "euler30": ("euler", 30),
 }
 DEFAULT_SAMPLERS = ("ddim20", "ddim50", "dpmsolver++20", "euler30")
 
@@ -65,24 +71,34 @@ def evaluation_seeds(num_images: int) -> list[int]:
 
 def model_fingerprint(model: LoadedModel) -> str:
     """sha256 over the UNet's parameters and config (a retrained reference model gets a new cache key)."""
-    digest = hashlib.sha256(json.dumps(dict(model.unet.config), sort_keys=True, default=str).encode())
+    config = dict(model.unet.config)  # type: ignore[arg-type]
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.unet.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def sample_latents(denoiser: Denoiser, model: LoadedModel, scheduler_name: str, steps: int, seeds: list[int],
-                   *, batch: int = 16) -> torch.Tensor:
+def sample_latents(
+    denoiser: Denoiser,
+    model: LoadedModel,
+    scheduler_name: str,
+    steps: int,
+    seeds: list[int],
+    *,
+    batch: int = 16,
+) -> torch.Tensor:
     """Every latent of the trajectory: [steps + 1, len(seeds), C, H, W] (index 0 = the starting noise)."""
     scheduler = make_scheduler(scheduler_name, model.scheduler_config)
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
     chunks = []
     for start in range(0, len(seeds), batch):
-        chunk = seeds[start:start + batch]
+        chunk = seeds[start : start + batch]
         cond, uncond = model.conditioning.for_samples(chunk)
         latents = initial_latents(shape, chunk, float(scheduler.init_noise_sigma))
-        traj = run_sampler(denoiser, scheduler, steps, latents, cond, uncond, model.conditioning.guidance_scale)
+        traj = run_sampler(
+            denoiser, scheduler, steps, latents, cond, uncond, model.conditioning.guidance_scale
+        )
         chunks.append(torch.stack(traj.latents))
     return torch.cat(chunks, dim=1)
 
@@ -91,15 +107,17 @@ def fp_denoiser(model: LoadedModel) -> TorchDenoiser:
     return TorchDenoiser(model.adapter.wrap(model.unet).eval(), [s.name for s in model.conditioning.specs])
 
 
-def fp_latents(model: LoadedModel, scheduler_name: str, steps: int, seeds: list[int], *,
-               cache_dir: Path | None = None) -> torch.Tensor:
+def fp_latents(
+    model: LoadedModel, scheduler_name: str, steps: int, seeds: list[int], *, cache_dir: Path | None = None
+) -> torch.Tensor:
     """FP (eager PyTorch) trajectories, cached per (model weights, sampler, steps, seeds)."""
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps([model_fingerprint(model), scheduler_name, steps, seeds]).encode())
         path = Path(cache_dir) / f"fp-{scheduler_name}{steps}-{key.hexdigest()[:16]}.pt"
         if path.is_file():
-            return torch.load(path)
+            cached: torch.Tensor = torch.load(path)
+            return cached
     latents = sample_latents(fp_denoiser(model), model, scheduler_name, steps, seeds)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +130,12 @@ def fp_latents(model: LoadedModel, scheduler_name: str, steps: int, seeds: list[
 def _stats(values: torch.Tensor) -> dict[str, float]:
     v = values.double()
     finite = bool(torch.isfinite(v).all())
-    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 and finite else 0.0,
-            "min": float(v.min()), "max": float(v.max())}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()) if v.numel() > 1 and finite else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 def compare(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, Any]:
@@ -124,8 +146,12 @@ def compare(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, Any]:
     p, s = psnr(ref_img, img), ssim(ref_img, img)
     curve = relative_latent_error(list(reference), list(actual))
     return {
-        "psnr_db": _stats(p), "ssim": _stats(s), "psnr_per_image": [float(x) for x in p],
-        "latent_rel_error": curve, "final_latent_rel_error": curve[-1], "num_images": int(reference.shape[1]),
+        "psnr_db": _stats(p),
+        "ssim": _stats(s),
+        "psnr_per_image": [float(x) for x in p],
+        "latent_rel_error": curve,
+        "final_latent_rel_error": curve[-1],
+        "num_images": int(reference.shape[1]),
     }
 
 
@@ -133,13 +159,24 @@ def compare(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, Any]:
 def method_config(base: BuildConfig, method: str) -> BuildConfig:
     if method not in METHODS:
         raise UserError(f"unknown compensation method {method!r}; choose from: {', '.join(METHODS)}")
-    fields = {**base.to_dict(), **{"compensation": "none", "tcec_variant": "m0", "comp_fit_bias": False,
-                                   "comp_target": "same-input"}, **METHODS[method]}
+    fields = {
+        **base.to_dict(),
+        "compensation": "none",
+        "tcec_variant": "m0",
+        "comp_fit_bias": False,
+        "comp_target": "same-input",
+        **METHODS[method],
+    }
     return BuildConfig.from_dict(fields)
 
 
-def export_engine(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], model: LoadedModel,
-                  config: BuildConfig, folder: Path) -> dict[str, Any]:
+def export_engine(
+    gm: torch.fx.GraphModule,
+    example: tuple[torch.Tensor, ...],
+    model: LoadedModel,
+    config: BuildConfig,
+    folder: Path,
+) -> dict[str, Any]:
     """Fit ``config``'s compensation on the quantized graph, fold it, export ``folder/model.onnx`` (the same
     library calls as :func:`qdc_export.build.build`, minus the parity check and the manifest)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,11 +188,20 @@ def export_engine(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], m
         graph, example, description = add_compensation(gm, example, model, config, folder, io)
     t1 = time.perf_counter()
     tmp = folder / "model.onnx.tmp"
-    export_onnx(graph, example, tmp, input_names=[i["name"] for i in io["inputs"]],
-                output_names=[o["name"] for o in io["outputs"]])
+    export_onnx(
+        graph,
+        example,
+        tmp,
+        input_names=[i["name"] for i in io["inputs"]],
+        output_names=[o["name"] for o in io["outputs"]],
+    )
     tmp.replace(folder / "model.onnx")
-    info = {"config": config.to_dict(), "compensation": description, "fit_s": round(t1 - t0, 2),
-            "export_s": round(time.perf_counter() - t1, 2)}
+    info = {
+        "config": config.to_dict(),
+        "compensation": description,
+        "fit_s": round(t1 - t0, 2),
+        "export_s": round(time.perf_counter() - t1, 2),
+    }
     (folder / "engine.json").write_text(json.dumps(info, indent=2, default=str))
     return info
 
@@ -167,9 +213,12 @@ def _table_stats(folder: Path) -> dict[str, Any]:
         return {}
     tables = CompensationTables.load(folder / "compensation")
     n = tables.num_steps
-    return {"max_abs_K": float(np.abs(1 - tables.scale[:n]).max()), "max_abs_L": float(np.abs(tables.prev[:n]).max()),
-            "max_abs_bias": float(np.abs(tables.bias[:n]).max()),
-            "fit_final_latent_rel_error": tables.stats.get("final_latent_rel_error")}
+    return {
+        "max_abs_K": float(np.abs(1 - tables.scale[:n]).max()),
+        "max_abs_L": float(np.abs(tables.prev[:n]).max()),
+        "max_abs_bias": float(np.abs(tables.bias[:n]).max()),
+        "fit_final_latent_rel_error": tables.stats.get("final_latent_rel_error"),
+    }
 
 
 @dataclass(frozen=True)
@@ -191,9 +240,16 @@ class Case:
         return cls(model, precision, *SAMPLERS[sampler])
 
 
-def evaluate_case(case: Case, methods: Iterable[str], *, num_images: int, cache_dir: Path,
-                  base_config: BuildConfig | None = None, model: LoadedModel | None = None,
-                  progress: Progress = _quiet) -> list[dict[str, Any]]:
+def evaluate_case(
+    case: Case,
+    methods: Iterable[str],
+    *,
+    num_images: int,
+    cache_dir: Path,
+    base_config: BuildConfig | None = None,
+    model: LoadedModel | None = None,
+    progress: Progress = _quiet,
+) -> list[dict[str, Any]]:
     """Rows (one per method) for one (model, precision, sampler). ONNX models are cached in ``cache_dir`` by
     model weights and config, so an interrupted run resumes where it stopped."""
     methods = list(methods)
@@ -203,8 +259,9 @@ def evaluate_case(case: Case, methods: Iterable[str], *, num_images: int, cache_
     fingerprint = model_fingerprint(model)
     seeds = evaluation_seeds(num_images)
     base = base_config or BuildConfig()
-    base = BuildConfig.from_dict({**base.to_dict(), "precision": case.precision, "scheduler": case.scheduler,
-                                  "steps": case.steps})
+    base = BuildConfig.from_dict(
+        {**base.to_dict(), "precision": case.precision, "scheduler": case.scheduler, "steps": case.steps}
+    )
     cache_dir = Path(cache_dir)
     t0 = time.perf_counter()
     reference = fp_latents(model, case.scheduler, case.steps, seeds, cache_dir=cache_dir / "fp")
@@ -214,7 +271,9 @@ def evaluate_case(case: Case, methods: Iterable[str], *, num_images: int, cache_
     rows = []
     for method in methods:
         config = method_config(base, method)
-        key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[
+            :12
+        ]
         folder = case_dir / f"{method}-{key}"
         t1 = time.perf_counter()
         if not (folder / "engine.json").is_file():
@@ -225,18 +284,34 @@ def evaluate_case(case: Case, methods: Iterable[str], *, num_images: int, cache_
             export_engine(graph[0], graph[1], model, config, folder)
         info = json.loads((folder / "engine.json").read_text())
         t2 = time.perf_counter()
-        actual = sample_latents(OrtDenoiser.from_path(folder / "model.onnx"), model, case.scheduler, case.steps, seeds)
+        actual = sample_latents(
+            OrtDenoiser.from_path(folder / "model.onnx"), model, case.scheduler, case.steps, seeds
+        )
         scores = compare(reference, actual)
         t3 = time.perf_counter()
-        row = {"model": case.model, "precision": case.precision, "sampler": case.sampler,
-               "scheduler": case.scheduler, "steps": case.steps, "method": method, **scores,
-               "tables": _table_stats(folder), "engine": str(folder),
-               "timings_s": {"fit": info["fit_s"], "export": info["export_s"], "prepare": round(t2 - t1, 1),
-                             "sample_and_score": round(t3 - t2, 1)}}
+        row = {
+            "model": case.model,
+            "precision": case.precision,
+            "sampler": case.sampler,
+            "scheduler": case.scheduler,
+            "steps": case.steps,
+            "method": method,
+            **scores,
+            "tables": _table_stats(folder),
+            "engine": str(folder),
+            "timings_s": {
+                "fit": info["fit_s"],
+                "export": info["export_s"],
+                "prepare": round(t2 - t1, 1),
+                "sample_and_score": round(t3 - t2, 1),
+            },
+        }
         rows.append(row)
-        progress(f"  {method:>26}: PSNR {scores['psnr_db']['mean']:.2f} +- {scores['psnr_db']['std']:.2f} dB "
-                 f"(min {scores['psnr_db']['min']:.2f}), SSIM {scores['ssim']['mean']:.4f}, final latent rel. err "
-                 f"{scores['final_latent_rel_error']:.2e}  [{t3 - t1:.0f} s]")
+        progress(
+            f"  {method:>26}: PSNR {scores['psnr_db']['mean']:.2f} +- {scores['psnr_db']['std']:.2f} dB "
+            f"(min {scores['psnr_db']['min']:.2f}), SSIM {scores['ssim']['mean']:.4f}, final latent rel. err "
+            f"{scores['final_latent_rel_error']:.2e}  [{t3 - t1:.0f} s]"
+        )
     return rows
 
 

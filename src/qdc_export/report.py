@@ -30,6 +30,7 @@ import html
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ class UncompensatedOrt(OrtDenoiser):
         if self.stateful:
             self.output_names = [NOISE_PRED, COMP_STATE_OUT]
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         feeds = {SAMPLE: sample.float().numpy(), TIMESTEP: timestep.float().numpy()}
         for name in self.cond_names:
             feeds[name] = cond[name].float().numpy()
@@ -94,19 +97,23 @@ class HeadApplied:
         self.state = None
 
     @torch.no_grad()
-    def __call__(self, sample, timestep, cond):
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         eps = self.inner(sample, timestep, cond).float()
         if self.state is None or self.state.shape != eps.shape:
             self.state = torch.zeros_like(eps)
         out, self.state = self.head(eps, timestep, self.state)
-        return out
+        result: torch.Tensor = out
+        return result
 
 
 # ---- per-layer sensitivity -------------------------------------------------------------------------------------
 def _fake_quant(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
     scale = (amax / qmax).clamp_min(1e-12)
-    return (x / scale).round().clamp(-qmax - 1, qmax) * scale
+    q: torch.Tensor = (x / scale).round().clamp(-qmax - 1, qmax) * scale
+    return q
 
 
 def _group_quant(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
@@ -140,9 +147,12 @@ def _quantize_activation(x: torch.Tensor, config: BuildConfig) -> torch.Tensor:
     return _fake_quant(x, amax, 8)
 
 
-def _layer_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _layer_output(
+    module: torch.nn.Conv2d | torch.nn.Linear, x: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     if isinstance(module, torch.nn.Conv2d):
-        return module._conv_forward(x, weight, module.bias)
+        out: torch.Tensor = module._conv_forward(x, weight, module.bias)
+        return out
     return torch.nn.functional.linear(x, weight, module.bias)
 
 
@@ -152,8 +162,9 @@ def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-def layer_sensitivity(model: LoadedModel, config: BuildConfig, layers: list[str], *, samples: int = 2,
-                      keep_steps: int = 4) -> list[dict[str, Any]]:
+def layer_sensitivity(
+    model: LoadedModel, config: BuildConfig, layers: list[str], *, samples: int = 2, keep_steps: int = 4
+) -> list[dict[str, Any]]:
     """SQNR of each named layer's output with only that layer quantized (see the module docstring)."""
     modules = dict(model.unet.named_modules())
     chosen = [n for n in layers if isinstance(modules.get(n), (torch.nn.Conv2d, torch.nn.Linear))]
@@ -162,10 +173,11 @@ def layer_sensitivity(model: LoadedModel, config: BuildConfig, layers: list[str]
     recorded: dict[str, list[torch.Tensor]] = {n: [] for n in chosen}
     state = {"step": -1}
 
-    def hook(name: str):
-        def fn(_module, inputs, _output):
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
             if state["step"] in keep:
                 recorded[name].append(inputs[0].detach().clone())
+
         return fn
 
     class Counting:
@@ -175,7 +187,9 @@ def layer_sensitivity(model: LoadedModel, config: BuildConfig, layers: list[str]
         def reset(self, batch: int) -> None:
             state["step"] = -1
 
-        def __call__(self, sample, timestep, cond):
+        def __call__(
+            self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
+        ) -> Any:
             state["step"] += 1
             return self.inner(sample, timestep, cond)
 
@@ -187,8 +201,16 @@ def layer_sensitivity(model: LoadedModel, config: BuildConfig, layers: list[str]
         from .sampling import initial_latents
 
         latents = initial_latents(shape, seeds, float(scheduler.init_noise_sigma))
-        run_sampler(Counting(fp_denoiser(model)), scheduler, config.steps, latents, cond, uncond,
-                    model.conditioning.guidance_scale, record=False)
+        run_sampler(
+            Counting(fp_denoiser(model)),
+            scheduler,
+            config.steps,
+            latents,
+            cond,
+            uncond,
+            model.conditioning.guidance_scale,
+            record=False,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -200,7 +222,9 @@ def layer_sensitivity(model: LoadedModel, config: BuildConfig, layers: list[str]
             module = modules[name]
             x = torch.cat(recorded[name])
             ref = _layer_output(module, x, module.weight)
-            out = _layer_output(module, _quantize_activation(x, config), _quantize_weight(module.weight, config))
+            out = _layer_output(
+                module, _quantize_activation(x, config), _quantize_weight(module.weight, config)
+            )
             rows.append({"layer": name, "type": type(module).__name__, "sqnr_db": sqnr_db(ref, out)})
             recorded[name] = []
     return sorted(rows, key=lambda r: r["sqnr_db"])
@@ -214,7 +238,9 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def image_grid(columns: list[tuple[str, torch.Tensor, list[float] | None]], path: Path, *, per_row: int = 4) -> None:
+def image_grid(
+    columns: list[tuple[str, torch.Tensor, list[float] | None]], path: Path, *, per_row: int = 4
+) -> None:
     """Images in groups of ``per_row`` seeds; within a group one row per column kind (FP, quantized, ...), each
     tile upscaled x4 with its PSNR (dB) underneath."""
     n = columns[0][1].shape[0]
@@ -241,10 +267,13 @@ def image_grid(columns: list[tuple[str, torch.Tensor, list[float] | None]], path
                 if i >= n:
                     continue
                 x = label_w + pad + k * (size + pad)
-                tile = to_pil(images[i]).convert("RGB").resize((size, size), Image.NEAREST)
+                tile = to_pil(images[i]).convert("RGB").resize((size, size), Image.Resampling.NEAREST)
                 canvas.paste(tile, (x, y))
-                caption = "reference" if values is None else (
-                    "identical" if math.isinf(values[i]) else f"{values[i]:.2f} dB")
+                caption = (
+                    "reference"
+                    if values is None
+                    else ("identical" if math.isinf(values[i]) else f"{values[i]:.2f} dB")
+                )
                 draw.text((x + 4, y + size + 2), caption, fill="black", font=font)
     canvas.save(path)
 
@@ -256,10 +285,10 @@ def plot_error_curves(curves: dict[str, list[float]], path: Path, title: str) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    for label, curve in curves.items():
-        ax.plot(range(len(curve)), [max(v, 1e-12) for v in curve], marker="o", markersize=3, label=label)
+    for label, curve in curves.items():  # step 0 (the shared starting noise) has error 0: not on a log axis
+        ax.plot(range(1, len(curve)), curve[1:], marker="o", markersize=3, label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("sampler step (0 = shared starting noise)")
+    ax.set_xlabel("sampler steps taken (error is 0 at step 0, the shared starting noise)")
     ax.set_ylabel("||x~_n - x_n|| / ||x_n||")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -297,8 +326,11 @@ def _layers_of(manifest: dict[str, Any], model: LoadedModel) -> list[str]:
     if layers:
         return list(layers)
     floats = set(manifest.get("quantization", {}).get("float_layers", []))
-    return [n for n, m in model.unet.named_modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n not in floats]
+    return [
+        n
+        for n, m in model.unet.named_modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n not in floats
+    ]
 
 
 def _psnr_list(reference: torch.Tensor, latents: torch.Tensor) -> list[float]:
@@ -309,8 +341,14 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values))
 
 
-def write_report(build_dir: Path, *, num: int = 8, force: bool = False, model: LoadedModel | None = None,
-                 sensitivity: bool = True) -> Path:
+def write_report(
+    build_dir: Path,
+    *,
+    num: int = 8,
+    force: bool = False,
+    model: LoadedModel | None = None,
+    sensitivity: bool = True,
+) -> Path:
     """Write ``build_dir/report.html`` and ``build_dir/report/``; returns the HTML path."""
     from .checking import load_reference, model_source_arg
     from .compensate import fit_compensation
@@ -335,12 +373,21 @@ def write_report(build_dir: Path, *, num: int = 8, force: bool = False, model: L
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
     method = manifest.get("compensation", {}).get("method", "none")
     quantized = config.quantized
-    columns: list[tuple[str, torch.Tensor, list[float] | None]] = [("FP model\n(eager PyTorch)", reference[-1], None)]
+    columns: list[tuple[str, torch.Tensor, list[float] | None]] = [
+        ("FP model\n(eager PyTorch)", reference[-1], None)
+    ]
     curves: dict[str, list[float]] = {}
-    summary: dict[str, Any] = {"seeds": seeds, "method": method, "precision": config.precision,
-                               "scheduler": sched_name, "steps": steps}
+    summary: dict[str, Any] = {
+        "seeds": seeds,
+        "method": method,
+        "precision": config.precision,
+        "scheduler": sched_name,
+        "steps": steps,
+    }
     if not quantized:
-        columns.append((f"engine ({config.precision})", built_latents[-1], _psnr_list(reference, built_latents)))
+        columns.append(
+            (f"engine ({config.precision})", built_latents[-1], _psnr_list(reference, built_latents))
+        )
         curves["engine"] = relative_latent_error(list(reference), list(built_latents))
         summary["third_column"] = "none (fp32 build: no quantization, no compensation)"
         summary["psnr_db"] = {"engine": columns[-1][2]}
@@ -349,39 +396,64 @@ def write_report(build_dir: Path, *, num: int = 8, force: bool = False, model: L
         raw = UncompensatedOrt(engine.session, tables)
         raw_latents = sample_latents(raw, model, sched_name, steps, seeds)
         p_raw, p_comp = _psnr_list(reference, raw_latents), _psnr_list(reference, built_latents)
-        columns += [(f"{config.precision}, no\ncompensation", raw_latents[-1], p_raw),
-                    (f"{config.precision} + {method}\n(engine as built)", built_latents[-1], p_comp)]
-        curves = {"no compensation": relative_latent_error(list(reference), list(raw_latents)),
-                  f"{method} (as built)": relative_latent_error(list(reference), list(built_latents))}
+        columns += [
+            (f"{config.precision}, no\ncompensation", raw_latents[-1], p_raw),
+            (f"{config.precision} + {method}\n(engine as built)", built_latents[-1], p_comp),
+        ]
+        curves = {
+            "no compensation": relative_latent_error(list(reference), list(raw_latents)),
+            f"{method} (as built)": relative_latent_error(list(reference), list(built_latents)),
+        }
         summary["third_column"] = f"the build's engine with its folded {method} head"
         summary["psnr_db"] = {"no_compensation": p_raw, "compensated": p_comp}
     else:
         m0_config = BuildConfig.from_dict({**config.to_dict(), "compensation": "tcec", "tcec_variant": "m0"})
         tables = fit_compensation(load_reference(build_dir / "reference.pt2"), model, m0_config)
-        comp_latents = sample_latents(HeadApplied(OrtDenoiser(engine.session), tables), model, sched_name, steps, seeds)
+        comp_latents = sample_latents(
+            HeadApplied(OrtDenoiser(engine.session), tables), model, sched_name, steps, seeds
+        )
         p_raw, p_comp = _psnr_list(reference, built_latents), _psnr_list(reference, comp_latents)
-        columns += [(f"{config.precision}, no\ncompensation\n(engine as built)", built_latents[-1], p_raw),
-                    (f"{config.precision} + tcec-m0\n(fitted for this\nreport, not in\nthe engine)",
-                     comp_latents[-1], p_comp)]
-        curves = {"no compensation (as built)": relative_latent_error(list(reference), list(built_latents)),
-                  "tcec-m0 (fitted for this report)": relative_latent_error(list(reference), list(comp_latents))}
-        summary["third_column"] = ("tcec-m0 tables fitted by the report on the calibration-fit seeds and applied "
-                                   "outside the engine (same formula as the folded head)")
+        columns += [
+            (f"{config.precision}, no\ncompensation\n(engine as built)", built_latents[-1], p_raw),
+            (
+                f"{config.precision} + tcec-m0\n(fitted for this\nreport, not in\nthe engine)",
+                comp_latents[-1],
+                p_comp,
+            ),
+        ]
+        curves = {
+            "no compensation (as built)": relative_latent_error(list(reference), list(built_latents)),
+            "tcec-m0 (fitted for this report)": relative_latent_error(list(reference), list(comp_latents)),
+        }
+        summary["third_column"] = (
+            "tcec-m0 tables fitted by the report on the calibration-fit seeds and applied "
+            "outside the engine (same formula as the folded head)"
+        )
         summary["psnr_db"] = {"no_compensation": p_raw, "compensated": p_comp}
     summary["latent_rel_error"] = curves
     image_grid(columns, assets / "images.png")
-    plot_error_curves(curves, assets / "latent_error.png",
-                      f"latent error vs FP, {config.precision}, {sched_name} x {steps}, {num} images")
+    plot_error_curves(
+        curves,
+        assets / "latent_error.png",
+        f"latent error vs FP, {config.precision}, {sched_name} x {steps}, {num} images",
+    )
     layer_rows: list[dict[str, Any]] = []
     if sensitivity and quantized:
         layer_rows = layer_sensitivity(model, config, _layers_of(manifest, model))
         if layer_rows:
-            plot_sensitivity(layer_rows, assets / "layer_sensitivity.png",
-                             f"per-layer sensitivity ({config.precision}), worst {min(WORST_LAYERS, len(layer_rows))}"
-                             f" of {len(layer_rows)} quantized layers")
+            plot_sensitivity(
+                layer_rows,
+                assets / "layer_sensitivity.png",
+                f"per-layer sensitivity ({config.precision}), worst {min(WORST_LAYERS, len(layer_rows))}"
+                f" of {len(layer_rows)} quantized layers",
+            )
     summary["layer_sensitivity"] = layer_rows
-    parity = json.loads((build_dir / PARITY_FILE).read_text()) if (build_dir / PARITY_FILE).is_file() else None
-    summary["parity"] = None if parity is None else {k: parity[k] for k in ("passed", "mode", "worst") if k in parity}
+    parity = (
+        json.loads((build_dir / PARITY_FILE).read_text()) if (build_dir / PARITY_FILE).is_file() else None
+    )
+    summary["parity"] = (
+        None if parity is None else {k: parity[k] for k in ("passed", "mode", "worst") if k in parity}
+    )
     (assets / "report.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
     html_path.write_text(_html(manifest, config, columns, summary, layer_rows, parity, assets))
     return html_path
@@ -391,45 +463,72 @@ def _fmt_db(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.2f}"
 
 
-def _html(manifest: dict[str, Any], config: BuildConfig, columns, summary, layer_rows, parity, assets: Path) -> str:
+def _html(
+    manifest: dict[str, Any],
+    config: BuildConfig,
+    columns: list[tuple[str, torch.Tensor, list[float] | None]],
+    summary: dict[str, Any],
+    layer_rows: list[dict[str, Any]],
+    parity: dict[str, Any] | None,
+    assets: Path,
+) -> str:
     from .check import summarize
 
     esc = html.escape
     model_name = manifest["model"]["source"].get("name", manifest["model"]["source"].get("path", "?"))
     title = f"qdc-export report: {model_name}, {config.precision}, {config.scheduler} x {config.steps}"
-    head_rows = [("model", model_name), ("precision", config.precision),
-                 ("sampler", f"{config.scheduler}, {config.steps} steps"),
-                 ("compensation", summary["method"]), ("third image column", summary["third_column"]),
-                 ("evaluation seeds", f"0..{len(summary['seeds']) - 1}"),
-                 ("manifest content sha256", manifest.get("content_sha256", "?"))]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-             "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%}</style></head><body>",
-             f"<h1>{esc(title)}</h1><table>"]
+    head_rows = [
+        ("model", model_name),
+        ("precision", config.precision),
+        ("sampler", f"{config.scheduler}, {config.steps} steps"),
+        ("compensation", summary["method"]),
+        ("third image column", summary["third_column"]),
+        ("evaluation seeds", f"0..{len(summary['seeds']) - 1}"),
+        ("manifest content sha256", manifest.get("content_sha256", "?")),
+    ]
+    parts = [
+        (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+            "th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%}</style></head><body>"
+        ),
+        f"<h1>{esc(title)}</h1><table>",
+    ]
     parts += [f"<tr><th>{esc(k)}</th><td class='l'>{esc(str(v))}</td></tr>" for k, v in head_rows]
     parts.append("</table>")
-    parts.append("<h2>Images</h2><p>PSNR (dB) of each image against the FP model's image from the same seed "
-                 "(images in [0, 1]); upscaled x4, nearest neighbour.</p>"
-                 f"<img src='{REPORT_DIR}/images.png' alt='image grid'>")
+    parts.append(
+        "<h2>Images</h2><p>PSNR (dB) of each image against the FP model's image from the same seed "
+        "(images in [0, 1]); upscaled x4, nearest neighbour.</p>"
+        f"<img src='{REPORT_DIR}/images.png' alt='image grid'>"
+    )
     value_cols = [(t.replace("\n", " "), v) for t, _, v in columns if v is not None]
-    parts.append("<table id='psnr'><tr><th>seed</th>" + "".join(f"<th>{esc(t)}</th>" for t, _ in value_cols) + "</tr>")
+    parts.append(
+        "<table id='psnr'><tr><th>seed</th>" + "".join(f"<th>{esc(t)}</th>" for t, _ in value_cols) + "</tr>"
+    )
     for i, seed in enumerate(summary["seeds"]):
         cells = "".join(f"<td data-psnr='{v[i]!r}'>{_fmt_db(v[i])}</td>" for _, v in value_cols)
         parts.append(f"<tr><td>{seed}</td>{cells}</tr>")
     means = "".join(f"<td>{_fmt_db(_mean(v))}</td>" for _, v in value_cols)
     parts.append(f"<tr><th>mean</th>{means}</tr></table>")
-    parts.append("<h2>Per-step latent error</h2><p>||x~_n - x_n|| / ||x_n||, mean over the images; step 0 is the "
-                 "shared starting noise.</p>"
-                 f"<img src='{REPORT_DIR}/latent_error.png' alt='latent error curves'>")
+    parts.append(
+        "<h2>Per-step latent error</h2><p>||x~_n - x_n|| / ||x_n||, mean over the images; step 0 is the "
+        "shared starting noise.</p>"
+        f"<img src='{REPORT_DIR}/latent_error.png' alt='latent error curves'>"
+    )
     parts.append("<h2>Per-layer sensitivity</h2>")
     if layer_rows:
-        parts.append("<p>Output SQNR of each quantized layer with only that layer's input and weight quantized "
-                     "(quantizers re-created from the build config), on inputs recorded along FP calibration "
-                     "trajectories. Lowest = most sensitive.</p>"
-                     f"<img src='{REPORT_DIR}/layer_sensitivity.png' alt='per-layer sensitivity'>"
-                     "<details><summary>all layers</summary><table><tr><th>layer</th><th>SQNR dB</th></tr>")
-        parts += [f"<tr><td class='l'>{esc(r['layer'])}</td><td>{_fmt_db(r['sqnr_db'])}</td></tr>" for r in layer_rows]
+        parts.append(
+            "<p>Output SQNR of each quantized layer with only that layer's input and weight quantized "
+            "(quantizers re-created from the build config), on inputs recorded along FP calibration "
+            "trajectories. Lowest = most sensitive.</p>"
+            f"<img src='{REPORT_DIR}/layer_sensitivity.png' alt='per-layer sensitivity'>"
+            "<details><summary>all layers</summary><table><tr><th>layer</th><th>SQNR dB</th></tr>"
+        )
+        parts += [
+            f"<tr><td class='l'>{esc(r['layer'])}</td><td>{_fmt_db(r['sqnr_db'])}</td></tr>"
+            for r in layer_rows
+        ]
         parts.append("</table></details>")
     else:
         parts.append("<p>No quantized layers (fp32 build) or sensitivity skipped.</p>")
@@ -438,8 +537,10 @@ def _html(manifest: dict[str, Any], config: BuildConfig, columns, summary, layer
         parts.append(f"<p>No {PARITY_FILE}: the build ran without the parity check.</p>")
     else:
         parts.append(f"<pre>{esc(summarize(parity))}</pre>")
-    parts.append("<p style='color:#777'>Numbers in full precision: "
-                 f"<a href='{REPORT_DIR}/report.json'>{REPORT_DIR}/report.json</a>.</p></body></html>")
+    parts.append(
+        "<p style='color:#777'>Numbers in full precision: "
+        f"<a href='{REPORT_DIR}/report.json'>{REPORT_DIR}/report.json</a>.</p></body></html>"
+    )
     return "\n".join(parts)
 
 
