@@ -26,6 +26,7 @@ from .passes.qdq import insert_observers, materialize_qdq
 from .compensate import fit_compensation
 from .passes.fold_compensation import fold_compensation
 from .plugins.base import COMP_STATE, COMP_STATE_OUT
+from .reproducible import save_program
 from .sampling import make_scheduler, schedule_timesteps
 from .staging import staged_folder
 from .targets import prepare_tensorrt
@@ -163,7 +164,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         with timer.stage("save_reference"):
             program = torch.export.export(gm, example, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in example),
                                           strict=False)
-            torch.export.save(program, str(staging / REFERENCE_FILE))
+            save_program(program, staging / REFERENCE_FILE)  # byte-reproducible archive
         if model.conditioning.table:
             save_file({k: v.contiguous() for k, v in model.conditioning.table.items()}, str(staging / CONDITIONING_FILE))
         scheduler = make_scheduler(config.scheduler, model.scheduler_config)

@@ -1,0 +1,73 @@
+"""Reproducible builds: the same model, options and seed give byte-identical artifacts (model.onnx,
+reference.pt2, parity.json, compensation tables) and the same manifest ``content_sha256``; only the
+unhashed keys (creation time, stage timings) may differ."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from qdc_export.build import build
+from qdc_export.config import BuildConfig
+from qdc_export.manifest import MANIFEST, UNHASHED_KEYS, sha256_file
+from qdc_export.reproducible import save_program
+
+FAST = dict(steps=4, calib_samples=2, parity_samples=1)  # as tests/conftest.py
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+@pytest.fixture(scope="module")
+def twin_builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    config = BuildConfig(precision="w8a8", **FAST)
+    return [build("tiny-unet2d", config, root / name, write_report=False).out for name in ("a", "b")]
+
+
+def test_same_inputs_give_identical_artifacts_and_manifest(twin_builds):
+    a, b = twin_builds
+    files_a, files_b = _files(a), _files(b)
+    assert {"model.onnx", "reference.pt2", "parity.json"} <= set(files_a)
+    differing = sorted(k for k in files_a.keys() | files_b.keys() if files_a.get(k) != files_b.get(k))
+    assert not differing, f"artifacts differ between identical builds: {differing}"
+    man_a, man_b = (json.loads((d / MANIFEST).read_text()) for d in (a, b))
+    assert man_a["content_sha256"] == man_b["content_sha256"]
+    strip = lambda m: {k: v for k, v in m.items() if k not in UNHASHED_KEYS}  # noqa: E731
+    assert strip(man_a) == strip(man_b)
+    assert man_a["artifacts"] == files_a  # the manifest hashes what is on disk
+
+
+def test_reference_archive_has_no_run_specific_records(twin_builds):
+    with zipfile.ZipFile(twin_builds[0] / "reference.pt2") as archive:
+        assert archive.testzip() is None  # CRCs valid after the serialization id rewrite
+        model_json = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        assert "graph_id" not in archive.read(model_json).decode()
+
+
+def test_serialization_id_rewrite_depends_on_content(tmp_path):
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((3,), scale))
+
+        def forward(self, x):
+            return x * self.weight
+
+    ids = []
+    for scale, name in ((1.0, "a"), (1.0, "b"), (2.0, "c")):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "reference.pt2"  # the archive's record names start with the file's stem
+        save_program(torch.export.export(Tiny(scale), (torch.ones(3),)), path)
+        with zipfile.ZipFile(path) as archive:
+            assert archive.testzip() is None
+            ids.append(archive.read(next(n for n in archive.namelist() if n.endswith(".data/serialization_id"))))
+        assert torch.allclose(torch.export.load(str(path)).module()(torch.ones(3)), torch.full((3,), scale))
+    assert ids[0] == ids[1] != ids[2]
