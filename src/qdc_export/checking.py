@@ -34,6 +34,15 @@ def load_onnx_checked(path: Path) -> onnx.ModelProto:
     return model
 
 
+def check_io_matches(proto: onnx.ModelProto, manifest: dict[str, Any], path: Path) -> None:
+    """A valid ONNX model that is not this build's (foreign or swapped in) is a one-line user error."""
+    for kind, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
+        found = [v.name for v in values]
+        expected = [i["name"] for i in manifest["io"][kind]]
+        if found != expected:
+            raise UserError(f"{path} does not belong to this build: its {kind} are {found}, the manifest's {expected}")
+
+
 def load_reference(path: Path) -> Any:
     import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops used by the graph
     import qdc_export.passes.int4  # noqa: F401  registers the qdc:: INT4 ops used by INT4 graphs
@@ -57,7 +66,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_artifacts(folder, manifest)
-    load_onnx_checked(folder / "model.onnx")
+    check_io_matches(load_onnx_checked(folder / "model.onnx"), manifest, folder / "model.onnx")
     model = model or load_model(model_source_arg(manifest))
     build = manifest["build"]
     reference_module = load_reference(folder / "reference.pt2")

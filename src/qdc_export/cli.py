@@ -88,10 +88,12 @@ def main() -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="build folder to create")
 @click.option("--force", is_flag=True, help="replace an existing --out folder")
 @click.option("--no-check", is_flag=True, help="skip the parity check (not recommended)")
+@click.option("--distributed", is_flag=True,
+              help="split calibration over torchrun's processes (gloo/nccl); rank 0 writes --out")
 @_user_errors
 def build(model, precision, scheduler, steps, calib_samples, observer, percentile, quantize_attention, include,
           exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, target, trt_batch_range, parity_samples,
-          ptq, svdquant_rank, seed, out, force, no_check) -> None:
+          ptq, svdquant_rank, seed, out, force, no_check, distributed) -> None:
     """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
     from .build import build as run_build
     from .check import summarize
@@ -103,7 +105,14 @@ def build(model, precision, scheduler, steps, calib_samples, observer, percentil
                          comp_fit_bias=comp_fit_bias, comp_target=comp_target, comp_ridge=comp_ridge, target=target,
                          trt_batch_range=_parse_range(trt_batch_range), parity_samples=parity_samples, seed=seed,
                          ptq=ptq, svdquant_rank=svdquant_rank)
-    result = run_build(model, config, out, force=force, progress=True, run_check=not no_check)
+    if distributed:  # under torchrun: see qdc_export.distributed
+        from .distributed import build_distributed
+
+        result = build_distributed(model, config, out, force=force, progress=True, run_check=not no_check)
+        if result is None:  # ranks > 0 only calibrate
+            return
+    else:
+        result = run_build(model, config, out, force=force, progress=True, run_check=not no_check)
     click.echo(f"built {out} ({precision}, {scheduler} x {steps} steps) in {sum(result.timings.values()):.1f} s")
     if result.parity:
         click.echo(summarize(result.parity))
