@@ -291,6 +291,7 @@ def evaluate_case(
         t3 = time.perf_counter()
         row = {
             "model": case.model,
+            "model_fingerprint": fingerprint,  # the reference models get retrained: rows name the weights
             "precision": case.precision,
             "sampler": case.sampler,
             "scheduler": case.scheduler,

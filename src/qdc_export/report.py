@@ -283,10 +283,12 @@ def plot_error_curves(curves: dict[str, list[float]], path: Path, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for label, curve in curves.items():  # step 0 (the shared starting noise) has error 0: not on a log axis
         ax.plot(range(1, len(curve)), curve[1:], marker="o", markersize=3, label=label)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_yscale("log")
     ax.set_xlabel("sampler steps taken (error is 0 at step 0, the shared starting noise)")
     ax.set_ylabel("||x~_n - x_n|| / ||x_n||")
@@ -303,6 +305,7 @@ def plot_sensitivity(rows: list[dict[str, Any]], path: Path, title: str) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     worst = rows[:WORST_LAYERS][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.28 * max(len(worst), 4) + 1.2), dpi=110)
