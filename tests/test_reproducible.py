@@ -71,3 +71,19 @@ def test_serialization_id_rewrite_depends_on_content(tmp_path):
             ids.append(archive.read(next(n for n in archive.namelist() if n.endswith(".data/serialization_id"))))
         assert torch.allclose(torch.export.load(str(path)).module()(torch.ones(3)), torch.full((3,), scale))
     assert ids[0] == ids[1] != ids[2]
+
+
+def test_reference_holds_only_weights_the_graph_reads(twin_builds):
+    """PT2E's convert leaves the float weights it replaced by INT8 constants on the module; the build drops
+    them (passes.cleanup.remove_unused_weights), so reference.pt2 is not a second copy of the FP weights."""
+    import torch
+
+    from qdc_export.checking import load_reference
+
+    load_reference(twin_builds[0] / "reference.pt2")  # registers the quantized ops needed to deserialize
+    program = torch.export.load(str(twin_builds[0] / "reference.pt2"))
+    lifted = set(program.graph_signature.inputs_to_parameters) | set(program.graph_signature.inputs_to_buffers)
+    unused = [n.name for n in program.graph.nodes if n.op == "placeholder" and n.name in lifted and not n.users]
+    assert lifted and not unused, f"{len(unused)} weights saved but never read: {unused[:5]}"
+    assert not any(p.dtype == torch.float32 and p.dim() == 4 and p.shape[0] > 8 and name.endswith("resnets.0.conv1.weight")
+                   for name, p in program.state_dict.items())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from .loading import LoadedModel, load_model
 from .manifest import canonical_json, package_versions, write_manifest
 from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
 from .passes.annotate import QuantizationPlan
-from .passes.cleanup import remove_inference_noops
+from .passes.cleanup import remove_inference_noops, remove_unused_weights
 from .passes.qdq import insert_observers, materialize_qdq
 from .compensate import fit_compensation
 from .passes.fold_compensation import fold_compensation
@@ -154,6 +155,8 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             info["passes"].append({"name": "fold_compensation", "modified": compensation["folded"]})
         input_names = [i["name"] for i in io["inputs"]]
         output_names = [o["name"] for o in io["outputs"]]
+        unused = remove_unused_weights(gm)  # float weights replaced by INT8 constants: not exported, not saved
+        info["passes"].append({"name": "remove_unused_weights", "modified": unused.modified, **unused.details})
         with timer.stage("export_onnx"):
             export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names)
         if config.target == "tensorrt":
@@ -165,6 +168,8 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             program = torch.export.export(gm, example, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in example),
                                           strict=False)
             save_program(program, staging / REFERENCE_FILE)  # byte-reproducible archive
+        del gm, program  # written out; the check loads the files, so don't hold a second copy of the weights
+        gc.collect()
         if model.conditioning.table:
             save_file({k: v.contiguous() for k, v in model.conditioning.table.items()}, str(staging / CONDITIONING_FILE))
         scheduler = make_scheduler(config.scheduler, model.scheduler_config)

@@ -70,7 +70,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
     model = model or load_model(model_source_arg(manifest))
     build = manifest["build"]
     reference_module = load_reference(folder / "reference.pt2")
-    session = create_session(folder / "model.onnx", provider=provider)
+    session = create_session(folder / "model.onnx", provider=provider, cpu_mem_arena=False)  # flat memory
     cond_names = manifest["conditioning"]["names"]
     stateful = any(i.name == COMP_STATE for i in session.get_inputs())
     scheduler = make_scheduler(build["scheduler"], model.scheduler_config)

@@ -101,6 +101,8 @@ def create_session(
     model_path_or_proto: str | os.PathLike[str] | onnx.ModelProto,
     provider: str = "cpu",
     optimization: Literal["disable", "basic", "extended", "all"] = "all",
+    *,
+    cpu_mem_arena: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession for an ONNX file or ModelProto, with the quirks above handled.
 
@@ -118,4 +120,7 @@ def create_session(
         model = onnx.load(path, load_external_data=False)
         source = path
     options, providers = make_session_options(model, provider=provider, optimization=optimization)
+    # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights
+    # and attention scores of each run): without it RSS stays flat (benchmarks/results/scale.md).
+    options.enable_cpu_mem_arena = cpu_mem_arena
     return ort.InferenceSession(source, options, providers=providers)

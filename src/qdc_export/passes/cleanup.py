@@ -23,3 +23,27 @@ def remove_inference_noops(gm: torch.fx.GraphModule) -> PassResult:
     if removed or dead:
         gm.recompile()
     return PassResult(gm, bool(removed or dead), {"removed_dropout": removed})
+
+
+def remove_unused_weights(gm: torch.fx.GraphModule) -> PassResult:
+    """Needs: a GraphModule. Guarantees: every parameter and buffer left is read by the graph.
+
+    PT2E's convert (fold_quantize) reads the INT8 weight constants it creates but leaves the float weights
+    they replace attached to the module; unused, they would still be exported and saved with the graph
+    (a w8a8 SD 1.5 reference.pt2 was 4.3 GB instead of 1.0 GB: 3.4 GB of dead float weights)."""
+    used = [str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+    used_set = set(used)
+    removed, freed = [], 0
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if name in used_set or any(name.startswith(u + ".") for u in used):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if attr in owner._parameters or attr in owner._buffers:
+            delattr(owner, attr)
+            removed.append(name)
+            freed += tensor.numel() * tensor.element_size()
+    if removed:
+        gm.delete_all_unused_submodules()
+    return PassResult(gm, bool(removed), {"removed_weights": len(removed), "removed_bytes": freed})
