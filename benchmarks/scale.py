@@ -177,7 +177,8 @@ def run_all(args: argparse.Namespace) -> None:
                 else:
                     report = {"model": model, "precision": precision, "failed": state.get("killed") or f"exit {rc}"}
                 report["watchdog_max_rss_gb"] = round(state.get("max_rss_gb", 0.0), 2)
-                runs = [r for r in runs if (r["model"], r["precision"]) != (model, precision)] + [report]
+                runs = [r for r in runs if (r["model"], r["precision"], r.get("label", "")) != (model, precision, "")]
+                runs.append(report)
                 _write(runs)
 
 
@@ -189,15 +190,16 @@ def _write(runs: list[dict]) -> None:
     (RESULTS / "scale.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
     lines = ["# Full-size builds: wall time and peak RSS per stage", "", meta["machine"] + ".", meta["method"] + ".", ""]
     for run in runs:
-        title = f"## {run['model']} {run['precision']}"
+        title = f"## {run['model']} {run['precision']}" + (f" ({run['label']})" if run.get("label") else "")
         if "failed" in run:
             lines += [title, "", f"FAILED: {run['failed']} (watchdog max RSS {run.get('watchdog_max_rss_gb')} GB)", ""]
             continue
-        lines += [title, "", f"params {run.get('params')}, sample size {run['sample_size']}"
-                  f"{' (reduced)' if run['sample_size_reduced'] else ''}, {run['steps']} steps, "
-                  f"{run['calib_samples']} calibration / {run['parity_samples']} parity samples; "
-                  f"total {run['total_wall_s']} s, peak {run['peak_rss_gb']} GB; parity passed: {run['parity_passed']}",
-                  "", "| stage | wall s | peak RSS GB | RSS after GB |", "|---|---:|---:|---:|"]
+        summary = (f"params {run.get('params')}, sample size {run['sample_size']}"
+                   f"{' (reduced)' if run['sample_size_reduced'] else ''}, {run['steps']} steps, "
+                   f"{run['calib_samples']} calibration / {run['parity_samples']} parity samples; "
+                   f"total {run['total_wall_s']} s, peak {run['peak_rss_gb']} GB; parity passed: {run['parity_passed']}")
+        lines += [title, "", summary, "", *([run["note"], ""] if run.get("note") else []),
+                  "| stage | wall s | peak RSS GB | RSS after GB |", "|---|---:|---:|---:|"]
         for name, stage in run["stages"].items():
             lines.append(f"| {name} | {stage['wall_s']} | {stage['peak_rss_gb']} | {stage['rss_end_gb']} |")
         lines.append("")

@@ -15,7 +15,7 @@ from qdc_export.config import BuildConfig
 from qdc_export.manifest import MANIFEST, UNHASHED_KEYS, sha256_file
 from qdc_export.reproducible import save_program
 
-FAST = dict(steps=4, calib_samples=2, parity_samples=1)  # as tests/conftest.py
+FAST = {"steps": 4, "calib_samples": 2, "parity_samples": 1}  # as tests/conftest.py
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -38,7 +38,7 @@ def test_same_inputs_give_identical_artifacts_and_manifest(twin_builds):
     assert not differing, f"artifacts differ between identical builds: {differing}"
     man_a, man_b = (json.loads((d / MANIFEST).read_text()) for d in (a, b))
     assert man_a["content_sha256"] == man_b["content_sha256"]
-    strip = lambda m: {k: v for k, v in m.items() if k not in UNHASHED_KEYS}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if k not in UNHASHED_KEYS}
     assert strip(man_a) == strip(man_b)
     assert man_a["artifacts"] == files_a  # the manifest hashes what is on disk
 
