@@ -73,7 +73,7 @@ def main() -> None:
 @click.option("--exclude", multiple=True, help="glob of layers to keep in float")
 @click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default="none", show_default=True)
 @click.option("--tcec-variant", type=click.Choice(["m0", "m1-analytic", "m1-fitted"]), default="m0", show_default=True)
-@click.option("--comp-fit-bias/--no-comp-fit-bias", default=False, show_default=True,
+@click.option("--comp-fit-bias/--no-comp-fit-bias", default=True, show_default=True,
               help="also fit a per-step, per-channel bias")
 @click.option("--comp-target", type=click.Choice(["same-input", "cumulative"]), default="same-input",
               show_default=True, help="fit target of the m1-fitted variant")

@@ -47,6 +47,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "tcec_variant": "m1-fitted",
         "comp_target": "cumulative",
     },
+    "tcec-m1-fitted-cumulative-bias": {
+        "compensation": "tcec",
+        "tcec_variant": "m1-fitted",
+        "comp_target": "cumulative",
+        "comp_fit_bias": True,
+    },
 }
 DEFAULT_METHODS = ("none", "ptqd", "tac", "tcec-m0", "tcec-m1-analytic", "tcec-m1-fitted")
 # Named samplers -> (scheduler, steps).
