@@ -88,3 +88,19 @@ def test_pickle_weights_are_refused(tmp_path):
 def test_full_size_presets_are_published_configs():
     assert CONFIG_PRESETS["sd15"][1]["cross_attention_dim"] == 768
     assert CONFIG_PRESETS["sdxl"][1]["addition_embed_type"] == "text_time"
+
+
+def test_reference_conditional_model_captures_with_its_table_sequence_length():
+    """The conditioning table (4 tokens) fixes the sequence length, not the adapter's 77-token default."""
+    from qdc_export.capture import capture
+
+    model = load_model("digits-cond")
+    specs = model.adapter.input_specs(model.unet)
+    seq = model.conditioning.table["encoder_hidden_states"].shape[1]
+    assert specs[2].shape == ("batch", seq, model.unet.config.cross_attention_dim)
+    assert model.conditioning.specs == specs[2:]
+    gm, example = capture(model.unet, model.adapter)
+    cond, _ = model.conditioning.for_samples([0, 1, 2])
+    with torch.no_grad():
+        out = gm(torch.randn(3, 3, 32, 32), torch.full((3,), 500.0), cond["encoder_hidden_states"])
+    assert out.shape == (3, 3, 32, 32)

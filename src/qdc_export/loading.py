@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from .errors import ModelLoadError
 from .plugins import UNetAdapter, adapter_for
-from .plugins.base import ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS, TensorSpec
+from .plugins.base import ENCODER_HIDDEN_STATES, TIME_IDS, TensorSpec
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 TRAINED_PRESETS = ("digits-uncond", "digits-cond")
@@ -157,11 +157,11 @@ def _conditioning(unet: torch.nn.Module, adapter: UNetAdapter, folder: Path | No
         cond.num_classes = int(meta["num_classes"])
         cond.null_index = int(meta["null_index"])
         cond.guidance_scale = float(meta.get("guidance_scale", cond.guidance_scale))
-        for spec_index, spec in enumerate(specs):  # the table fixes the sequence length
-            if spec.name == ENCODER_HIDDEN_STATES and spec.name in cond.table:
-                specs[spec_index] = TensorSpec(spec.name, ("batch", *cond.table[spec.name].shape[1:]))
-            if spec.name == TEXT_EMBEDS and spec.name in cond.table:
-                specs[spec_index] = TensorSpec(spec.name, ("batch", *cond.table[spec.name].shape[1:]))
+        if ENCODER_HIDDEN_STATES in cond.table:
+            # The table fixes the sequence length; record it where the adapter reads it, so capture,
+            # the manifest and the engine all agree (the UNet config alone does not know it).
+            unet.register_to_config(qdc_sequence_length=int(cond.table[ENCODER_HIDDEN_STATES].shape[1]))
+        cond.specs = adapter.condition_specs(unet)
     return cond
 
 
