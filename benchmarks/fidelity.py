@@ -172,6 +172,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 "markersize": 2.5,
                 "linewidth": 1.4,
                 "linestyle": "--" if r["method"] == "none" else "-",
+                "color": plt.get_cmap("tab10")(
+                    list(METHODS).index(r["method"]) % 10
+                ),  # same colour in every plot
             }
             ax.plot(
                 range(1, len(curve)),
@@ -228,8 +231,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                         gain, sem = paired_gain(hit[0], none[0] if none else None)
                         ds.append(gain)
                         es.append(sem)
-                ax.bar(xs, ys, width, bottom=floor, label=m, color=colours(j))
-                axd.bar(xs, ds, width, yerr=es, capsize=2, label=m, color=colours(j))
+                colour = colours(list(METHODS).index(m) % 10)
+                ax.bar(xs, ys, width, bottom=floor, label=m, color=colour)
+                axd.bar(xs, ds, width, yerr=es, capsize=2, label=m, color=colour)
             for a in (ax, axd):
                 a.set_xticks(range(len(samplers)), samplers)
                 a.grid(True, axis="y", alpha=0.3)

@@ -12,6 +12,7 @@ The parity check is not run here (that is ``qdc-export check``'s job)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -97,11 +98,16 @@ def sample_latents(
     """Every latent of the trajectory: [steps + 1, len(seeds), C, H, W] (index 0 = the starting noise)."""
     scheduler = make_scheduler(scheduler_name, model.scheduler_config)
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
+    # init_noise_sigma only holds for the *set* schedule: before set_timesteps, Euler reports the largest
+    # training sigma (20291 for the cosine schedule) instead of the first sampled one (15.3 with "leading").
+    prepared = copy.deepcopy(scheduler)
+    prepared.set_timesteps(steps)
+    init_sigma = float(prepared.init_noise_sigma)
     chunks = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start : start + batch]
         cond, uncond = model.conditioning.for_samples(chunk)
-        latents = initial_latents(shape, chunk, float(scheduler.init_noise_sigma))
+        latents = initial_latents(shape, chunk, init_sigma)
         traj = run_sampler(
             denoiser, scheduler, steps, latents, cond, uncond, model.conditioning.guidance_scale
         )
@@ -119,7 +125,11 @@ def fp_latents(
     """FP (eager PyTorch) trajectories, cached per (model weights, sampler, steps, seeds)."""
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps([model_fingerprint(model), scheduler_name, steps, seeds]).encode())
+        key = hashlib.sha256(
+            json.dumps(
+                [model_fingerprint(model), scheduler_name, steps, seeds, "init-sigma-after-set"]
+            ).encode()
+        )
         path = Path(cache_dir) / f"fp-{scheduler_name}{steps}-{key.hexdigest()[:16]}.pt"
         if path.is_file():
             cached: torch.Tensor = torch.load(path)
