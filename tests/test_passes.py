@@ -84,3 +84,23 @@ def test_include_and_exclude_globs_change_the_plan(captured):
     result, _ = insert_observers(gm, plan)
     layers = result.details["quantized_layers"]
     assert "conv_in" in layers and not any(n.startswith("down_blocks.") for n in layers)
+
+
+def test_sampler_scales_the_starting_noise_of_the_set_schedule():
+    """Euler's init_noise_sigma is only right after set_timesteps (else the largest training sigma)."""
+    from qdc_export.loading import load_model
+    from qdc_export.sampling import TorchDenoiser, initial_latents, make_scheduler, run_sampler
+
+    model = load_model("tiny-unet2d")
+    # The reference model's schedule (cosine, "leading" spacing) is where the two values differ.
+    scheduler = make_scheduler("euler", load_model("digits-uncond").scheduler_config)
+    denoiser = TorchDenoiser(model.adapter.wrap(model.unet), [])
+    noise = initial_latents((3, 16, 16), [0])
+    traj = run_sampler(denoiser, scheduler, 3, noise, {}, None)
+    import copy
+
+    expected = copy.deepcopy(scheduler)
+    expected.set_timesteps(3)
+    ratio = float(traj.latents[0].std() / noise.std())
+    assert abs(ratio - float(expected.init_noise_sigma)) < 1e-3 * ratio, (ratio, float(expected.init_noise_sigma))
+    assert float(expected.init_noise_sigma) < float(scheduler.init_noise_sigma)  # the bug this guards against

@@ -29,7 +29,7 @@ def _referenced_files(html: str) -> list[str]:
 def _finals(denoiser, model, scheduler_name: str, steps: int, seeds: list[int]) -> torch.Tensor:
     scheduler = make_scheduler(scheduler_name, model.scheduler_config)
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
-    latents = initial_latents(shape, seeds, float(scheduler.init_noise_sigma))
+    latents = initial_latents(shape, seeds)
     traj = run_sampler(denoiser, scheduler, steps, latents, {}, None, 1.0, record=False)
     return latents_to_images(traj.final)
 

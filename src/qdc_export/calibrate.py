@@ -48,7 +48,7 @@ def run_calibration(observed: torch.nn.Module, model: LoadedModel, *, scheduler_
         for start in starts:
             chunk = seeds[start:start + batch]
             cond, uncond = model.conditioning.for_samples(chunk)
-            latents = initial_latents(shape, chunk, float(scheduler.init_noise_sigma))
+            latents = initial_latents(shape, chunk)
             traj = run_sampler(denoiser, scheduler, steps, latents, cond, uncond,
                                model.conditioning.guidance_scale, record=False, progress=progress,
                                desc=f"calibrating {start // batch + 1}/{math.ceil(samples / batch)}")

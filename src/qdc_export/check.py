@@ -113,7 +113,7 @@ class ParityCase:
 
 def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Trajectory:
     cond, uncond = case.conditioning.for_samples(seeds)
-    latents = initial_latents(case.latent_shape, seeds, float(case.scheduler.init_noise_sigma))
+    latents = initial_latents(case.latent_shape, seeds)
     return run_sampler(denoiser, case.scheduler, case.steps, latents, cond, uncond,
                        case.conditioning.guidance_scale)
 

@@ -12,7 +12,6 @@ The parity check is not run here (that is ``qdc-export check``'s job)."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -98,16 +97,11 @@ def sample_latents(
     """Every latent of the trajectory: [steps + 1, len(seeds), C, H, W] (index 0 = the starting noise)."""
     scheduler = make_scheduler(scheduler_name, model.scheduler_config)
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
-    # init_noise_sigma only holds for the *set* schedule: before set_timesteps, Euler reports the largest
-    # training sigma (20291 for the cosine schedule) instead of the first sampled one (15.3 with "leading").
-    prepared = copy.deepcopy(scheduler)
-    prepared.set_timesteps(steps)
-    init_sigma = float(prepared.init_noise_sigma)
     chunks = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start : start + batch]
         cond, uncond = model.conditioning.for_samples(chunk)
-        latents = initial_latents(shape, chunk, init_sigma)
+        latents = initial_latents(shape, chunk)  # run_sampler applies init_noise_sigma
         traj = run_sampler(
             denoiser, scheduler, steps, latents, cond, uncond, model.conditioning.guidance_scale
         )

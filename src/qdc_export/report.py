@@ -200,7 +200,7 @@ def layer_sensitivity(
         shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
         from .sampling import initial_latents
 
-        latents = initial_latents(shape, seeds, float(scheduler.init_noise_sigma))
+        latents = initial_latents(shape, seeds)
         run_sampler(
             Counting(fp_denoiser(model)),
             scheduler,

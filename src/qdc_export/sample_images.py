@@ -39,7 +39,7 @@ def sample_build(build_dir: Path, *, seeds: list[int], out: Path, provider: str 
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
         cond, uncond = conditioning.for_samples(chunk)
-        latents = initial_latents(shape, chunk, float(scheduler.init_noise_sigma))
+        latents = initial_latents(shape, chunk)
         traj = run_sampler(denoiser, scheduler, manifest["scheduler"]["steps"], latents, cond, uncond,
                            conditioning.guidance_scale, record=False, progress=progress)
         for image, path in zip(latents_to_images(traj.final), names[start:start + batch]):

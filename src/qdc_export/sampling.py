@@ -74,9 +74,10 @@ class TorchDenoiser:
         return out
 
 
-def initial_latents(shape: tuple[int, ...], seeds: list[int], init_sigma: float = 1.0) -> torch.Tensor:
-    """One generator per seed, so an image depends on its seed alone, not on the batch it is in."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]) * init_sigma
+def initial_latents(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """Unit Gaussian noise, one generator per seed, so an image depends on its seed alone, not on the batch
+    it is in. :func:`run_sampler` scales it by the scheduler's ``init_noise_sigma``."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @dataclass
@@ -103,11 +104,14 @@ def run_sampler(
     progress: bool = False,
     desc: str = "sampling",
 ) -> Trajectory:
-    """Classifier-free guidance doubles the batch as [uncond; cond] when guidance_scale != 1."""
+    """``latents``: unit noise (:func:`initial_latents`), scaled here by ``init_noise_sigma`` of the *set*
+    schedule (before set_timesteps, Euler reports the largest training sigma, 20291 for a cosine schedule,
+    instead of the first sampled one). Classifier-free guidance doubles the batch as [uncond; cond] when
+    guidance_scale != 1."""
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(steps)
     use_cfg = uncond is not None and bool(cond) and guidance_scale != 1.0
-    x = latents.clone()
+    x = latents * float(sched.init_noise_sigma)
     batch = x.shape[0] * (2 if use_cfg else 1)
     denoiser.reset(batch)
     traj = Trajectory(timesteps=[float(t) for t in sched.timesteps])
