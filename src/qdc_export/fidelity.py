@@ -77,7 +77,8 @@ def evaluation_seeds(num_images: int) -> list[int]:
 
 def model_fingerprint(model: LoadedModel) -> str:
     """sha256 over the UNet's parameters and config (a retrained reference model gets a new cache key)."""
-    config = dict(model.unet.config)  # type: ignore[arg-type]
+    # Private keys (_name_or_path: where the folder was read from) do not change the model.
+    config = {k: v for k, v in model.unet.config.items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.unet.state_dict().items()):
         digest.update(name.encode())
