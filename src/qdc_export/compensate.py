@@ -16,7 +16,7 @@ from .calibrate import calibration_seeds
 from .compensation import CompensationTables, FitOptions, fit_tables
 from .config import BuildConfig
 from .loading import LoadedModel
-from .sampling import initial_latents, make_scheduler
+from .sampling import TorchDenoiser, guided_output, initial_latents, make_scheduler
 
 FIT_SEED_SHIFT = 7  # compensation fits use calibration seeds shifted away from the range observers saw
 
@@ -27,24 +27,12 @@ def method_name(config: BuildConfig) -> str:
 
 def guided_denoiser(module: Any, model: LoadedModel, cond: dict[str, torch.Tensor],
                     uncond: dict[str, torch.Tensor]):
-    names = [spec.name for spec in model.conditioning.specs]
-    guidance = model.conditioning.guidance_scale
-    use_cfg = bool(names) and guidance != 1.0
+    """The fit's ``denoiser(x, t)``: the positional module with classifier-free guidance, as the sampler runs it."""
+    denoiser = TorchDenoiser(module, [spec.name for spec in model.conditioning.specs])
+    use_cfg = bool(model.conditioning.specs) and model.conditioning.guidance_scale != 1.0
 
-    @torch.no_grad()
     def denoise(x: torch.Tensor, t: Any, **_: Any) -> torch.Tensor:
-        batch = x.shape[0]
-        if use_cfg:
-            x_in = torch.cat([x, x])
-            feeds = [torch.cat([uncond[n], cond[n]]) for n in names]
-        else:
-            x_in, feeds = x, [cond[n] for n in names]
-        tvec = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
-        eps = module(x_in, tvec, *feeds).float()
-        if use_cfg:
-            eps_u, eps_c = eps[:batch], eps[batch:]
-            eps = eps_u + guidance * (eps_c - eps_u)
-        return eps
+        return guided_output(denoiser, x, t, cond, uncond if use_cfg else None, model.conditioning.guidance_scale)
 
     return denoise
 

@@ -91,6 +91,21 @@ class Trajectory:
         return self.latents[-1]
 
 
+def guided_output(denoiser: Denoiser, model_in: torch.Tensor, t: Any, cond: dict[str, torch.Tensor],
+                  uncond: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
+    """One model call at timestep value ``t``; with ``uncond`` the batch is doubled as [uncond; cond] and the
+    output is eps_u + g (eps_c - eps_u), the output that enters the sampler."""
+    if uncond is not None:
+        model_in = torch.cat([model_in, model_in])
+        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    tvec = torch.full((model_in.shape[0],), float(t), dtype=torch.float32)
+    eps = denoiser(model_in, tvec, cond).float()
+    if uncond is None:
+        return eps
+    eps_u, eps_c = eps.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
 def run_sampler(
     denoiser: Denoiser,
     scheduler: Any,
@@ -118,17 +133,8 @@ def run_sampler(
     if record:
         traj.latents.append(x.clone())
     for t in tqdm(sched.timesteps, desc=desc, disable=not progress, leave=False):
-        model_in = sched.scale_model_input(x, t)
-        if use_cfg:
-            model_in = torch.cat([model_in, model_in])
-            feed = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        else:
-            feed = cond
-        tvec = torch.full((model_in.shape[0],), float(t), dtype=torch.float32)
-        eps = denoiser(model_in, tvec, feed).float()
-        if use_cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        eps = guided_output(denoiser, sched.scale_model_input(x, t), t, cond, uncond if use_cfg else None,
+                            guidance_scale)
         x = sched.step(eps, t, x, return_dict=False)[0]
         if record:
             traj.outputs.append(eps.clone())
