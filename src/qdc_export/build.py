@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,16 @@ from . import __version__
 from .calibrate import run_calibration
 from .capture import capture
 from .check import ParityTolerances, summarize
+from .compensate import fit_compensation
 from .config import BuildConfig
 from .export import export_onnx
+from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
 from .loading import LoadedModel, load_model
 from .manifest import canonical_json, package_versions, write_manifest
-from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
 from .passes.annotate import QuantizationPlan
 from .passes.cleanup import remove_inference_noops, remove_unused_weights
-from .passes.qdq import insert_observers, materialize_qdq
-from .compensate import fit_compensation
 from .passes.fold_compensation import fold_compensation
+from .passes.qdq import insert_observers, materialize_qdq
 from .plugins.base import COMP_STATE, COMP_STATE_OUT
 from .reproducible import save_program
 from .sampling import make_scheduler, schedule_timesteps
@@ -48,20 +50,18 @@ class BuildResult:
 
 
 class _Timer:
+    """Wall time per build stage, kept out of the hashed manifest content."""
+
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self_inner):
-                self_inner.start = time.perf_counter()
-
-            def __exit__(self_inner, *exc):
-                timer.timings[name] = round(time.perf_counter() - self_inner.start, 3)
-
-        return _Stage()
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
 
 
 def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPlan:
