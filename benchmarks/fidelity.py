@@ -69,6 +69,14 @@ def merge(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[st
     return list(keyed.values())
 
 
+def _precision_rank(label: str, precisions: tuple[str, ...]) -> float:
+    """fp32, w8a8, w4a16, w4a8, w4a8+svdquant, w4a4, w4a4+svdquant."""
+    from qdc_export.fidelity import PTQ_SUFFIX
+
+    base = label.removesuffix(PTQ_SUFFIX)
+    return (precisions.index(base) if base in precisions else 99) + (0.5 if label.endswith(PTQ_SUFFIX) else 0)
+
+
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from qdc_export.config import PRECISIONS
     from qdc_export.fidelity import METHODS, SAMPLERS
@@ -76,7 +84,7 @@ def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple:
         return (
             r["model"],
-            PRECISIONS.index(r["precision"]) if r["precision"] in PRECISIONS else 99,
+            _precision_rank(r["precision"], PRECISIONS),
             list(SAMPLERS).index(r["sampler"]) if r["sampler"] in SAMPLERS else 99,
             list(METHODS).index(r["method"]) if r["method"] in METHODS else 99,
         )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from .config import BuildConfig
 from .export import export_onnx
 from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
 from .loading import LoadedModel, load_model
+from .memory import release_memory
 from .manifest import canonical_json, package_versions, write_manifest
 from .passes.annotate import QuantizationPlan
 from .passes.cleanup import remove_inference_noops, remove_unused_weights
@@ -169,7 +169,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
                                           strict=False)
             save_program(program, staging / REFERENCE_FILE)  # byte-reproducible archive
         del gm, program  # written out; the check loads the files, so don't hold a second copy of the weights
-        gc.collect()
+        release_memory()
         if model.conditioning.table:
             save_file({k: v.contiguous() for k, v in model.conditioning.table.items()}, str(staging / CONDITIONING_FILE))
         scheduler = make_scheduler(config.scheduler, model.scheduler_config)
@@ -198,7 +198,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         parity: dict[str, Any] = {}
         if run_check:
             with timer.stage("check"):
-                parity = check_build(staging, model=model)
+                parity = check_build(staging, model=model, release_model=True)
             (staging / PARITY_FILE).write_text(canonical_json(parity))
             content["parity_summary"] = summarize(parity)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -207,5 +207,5 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             from .report import write_report as _write_report
 
             with timer.stage("report"):
-                _write_report(staging, model=model, num=8)
+                _write_report(staging, model=None if model.released else model, num=8)
     return BuildResult(out, manifest, parity, timer.timings)

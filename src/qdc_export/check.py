@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +23,8 @@ from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompar
 
 from .metrics import error_stats, psnr
 from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
-from .sampling import Denoiser, Trajectory, initial_latents, latents_to_images, run_sampler
+from .engines.onnxruntime import OrtDenoiser
+from .sampling import Denoiser, TorchDenoiser, Trajectory, initial_latents, latents_to_images, run_sampler
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,13 +97,14 @@ class RecordingDenoiser:
 
 @dataclass
 class ParityCase:
-    """What parity needs: denoisers for the FP model, the PyTorch reference graph and the engine."""
+    """What parity needs. The FP model, the PyTorch reference graph and the engine are opened one after the
+    other and the FP model is released before the other two are opened, so the three are never resident
+    together (SDXL: 10.3 GB FP32 UNet + 2.6 GB INT8 reference graph + 2.6 GB INT8 session)."""
 
-    fp: Denoiser
-    reference_module: Any
-    reference: Denoiser
-    engine: Denoiser
-    engine_session: Any
+    fp: Callable[[], Denoiser]  # the eager FP model, used for quantized builds only
+    release_fp: Callable[[], None]  # frees the FP model's weights once its trajectories are taken
+    open_reference: Callable[[], Any]  # -> the PyTorch reference graph (positional inputs)
+    open_engine: Callable[[], Any]  # -> the ONNX Runtime session
     cond_names: list[str]
     stateful: bool
     scheduler: Any
@@ -111,6 +114,15 @@ class ParityCase:
     quantized: bool
 
 
+@dataclass
+class ParityRun:
+    """The parity report, and the step feeds and Polygraphy results behind it (for goldens)."""
+
+    report: dict[str, Any]
+    feeds: list[OrderedDict[str, np.ndarray]]
+    results: Any
+
+
 def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Trajectory:
     cond, uncond = case.conditioning.for_samples(seeds)
     latents = initial_latents(case.latent_shape, seeds)
@@ -118,16 +130,22 @@ def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Tra
                        case.conditioning.guidance_scale)
 
 
-def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None = None) -> dict[str, Any]:
+def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None = None) -> ParityRun:
     tol = tol or ParityTolerances()
-    recorder = RecordingDenoiser(case.reference, case.cond_names)
+    fp_images = latents_to_images(_trajectories(case, seeds, case.fp()).final) if case.quantized else None
+    case.release_fp()
+    reference_module = case.open_reference()
+    recorder = RecordingDenoiser(TorchDenoiser(reference_module, case.cond_names, stateful=case.stateful),
+                                 case.cond_names)
     ref_traj = _trajectories(case, seeds, recorder)
+    session = case.open_engine()
     input_shapes = {name: array.shape for name, array in recorder.feeds[0].items()}
     output_names = [NOISE_PRED] + ([COMP_STATE_OUT] if case.stateful else [])
-    runners = [TorchRunner(case.reference_module, input_shapes, output_names),
-               OnnxrtRunner(case.engine_session, name="onnxruntime")]
+    runners = [TorchRunner(reference_module, input_shapes, output_names),
+               OnnxrtRunner(session, name="onnxruntime")]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
         results = Comparator.run(runners, data_loader=recorder.feeds)
+    del runners, reference_module  # the engine's own trajectories below need only the session
     if case.quantized:
         funcs = [SnrCompareFunc(snr_threshold=tol.step_min_snr_db),
                  CosineSimilarityCompareFunc(cosine_similarity_threshold=tol.step_min_cosine)]
@@ -153,9 +171,8 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
         "polygraphy_passed": bool(accuracy),
     }
     passed = bool(accuracy)
-    if case.quantized:
-        fp_images = latents_to_images(_trajectories(case, seeds, case.fp).final)
-        ort_images = latents_to_images(_trajectories(case, seeds, case.engine).final)
+    if fp_images is not None:
+        ort_images = latents_to_images(_trajectories(case, seeds, OrtDenoiser(session)).final)
         ref_images = latents_to_images(ref_traj.final)
         psnr_ref = psnr(fp_images, ref_images).clamp(max=100.0)
         psnr_ort = psnr(fp_images, ort_images).clamp(max=100.0)
@@ -169,8 +186,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
         }
         passed = passed and gap <= tol.trajectory_psnr_margin_db
     report["passed"] = passed
-    report["_feeds"], report["_results"] = recorder.feeds, results  # for goldens; popped by callers
-    return report
+    return ParityRun(report, recorder.feeds, results)
 
 
 def summarize(report: dict[str, Any]) -> str:

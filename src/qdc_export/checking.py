@@ -10,11 +10,11 @@ import onnx
 import torch
 
 from .check import ParityCase, ParityTolerances, run_parity
-from .engines.onnxruntime import OrtDenoiser
 from .engines.providers import create_session
 from .errors import UserError
 from .goldens import backend_runner, compare_against, save_goldens
 from .loading import LoadedModel, load_model
+from .memory import release_memory
 from .manifest import read_manifest, verify_artifacts
 from .plugins.base import COMP_STATE
 from .sampling import TorchDenoiser, make_scheduler
@@ -60,35 +60,45 @@ def model_source_arg(manifest: dict[str, Any]) -> str:
 
 def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[int] | None = None,
                 tolerances: ParityTolerances | None = None, provider: str = "cpu",
-                save_goldens_to: Path | None = None) -> dict[str, Any]:
+                save_goldens_to: Path | None = None, release_model: bool = False) -> dict[str, Any]:
     """Parity of the build's ONNX model (ONNX Runtime, ``provider``) against its PyTorch reference graph;
-    optionally saves the step inputs and ONNX Runtime's outputs as goldens for ``check --against``."""
+    optionally saves the step inputs and ONNX Runtime's outputs as goldens for ``check --against``.
+
+    ``release_model``: free the weights of a caller's ``model`` once the FP trajectories are taken (the build
+    does, so a full-size FP UNet is not resident next to the reference graph and the engine). A model this
+    function loads itself is always released."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_artifacts(folder, manifest)
     check_io_matches(load_onnx_checked(folder / "model.onnx"), manifest, folder / "model.onnx")
-    model = model or load_model(model_source_arg(manifest))
+    if model is None:
+        model, release_model = load_model(model_source_arg(manifest)), True
     build = manifest["build"]
-    reference_module = load_reference(folder / "reference.pt2")
-    session = create_session(folder / "model.onnx", provider=provider, cpu_mem_arena=False)  # flat memory
     cond_names = manifest["conditioning"]["names"]
-    stateful = any(i.name == COMP_STATE for i in session.get_inputs())
-    scheduler = make_scheduler(build["scheduler"], model.scheduler_config)
-    latent_shape = tuple(manifest["io"]["inputs"][0]["shape"][1:])
+
+    def release_fp() -> None:
+        if release_model:
+            model.release_weights()
+        release_memory()
+
     case = ParityCase(
-        fp=TorchDenoiser(model.adapter.wrap(model.unet).eval(), cond_names),
-        reference_module=reference_module,
-        reference=TorchDenoiser(reference_module, cond_names, stateful=stateful),
-        engine=OrtDenoiser(session), engine_session=session, cond_names=cond_names, stateful=stateful,
-        scheduler=scheduler, steps=int(build["steps"]), latent_shape=latent_shape,
-        conditioning=model.conditioning, quantized=build["precision"] != "fp32",
+        fp=lambda: TorchDenoiser(model.adapter.wrap(model.unet).eval(), cond_names),
+        release_fp=release_fp,
+        open_reference=lambda: load_reference(folder / "reference.pt2"),
+        open_engine=lambda: create_session(folder / "model.onnx", provider=provider, cpu_mem_arena=False),
+        cond_names=cond_names,
+        stateful=any(i["name"] == COMP_STATE for i in manifest["io"]["inputs"]),
+        scheduler=make_scheduler(build["scheduler"], model.scheduler_config),
+        steps=int(build["steps"]),
+        latent_shape=tuple(manifest["io"]["inputs"][0]["shape"][1:]),
+        conditioning=model.conditioning,
+        quantized=build["precision"] != "fp32",
     )
     seeds = seeds or [PARITY_SEED_OFFSET + i for i in range(int(build["parity_samples"]))]
-    report = run_parity(case, seeds, tolerances)
-    feeds, results = report.pop("_feeds"), report.pop("_results")
+    run = run_parity(case, seeds, tolerances)
     if save_goldens_to is not None:
-        save_goldens(Path(save_goldens_to), feeds, results, precision=build["precision"])
-    return report
+        save_goldens(Path(save_goldens_to), run.feeds, run.results, precision=build["precision"])
+    return run.report
 
 
 def check_against(folder: Path, goldens: Path, *, backend: str = "onnxruntime", provider: str = "cpu",

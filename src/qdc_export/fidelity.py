@@ -63,6 +63,14 @@ SAMPLERS: dict[str, tuple[str, int]] = {
     "euler30": ("euler", 30),
 }
 DEFAULT_SAMPLERS = ("ddim20", "ddim50", "dpmsolver++20", "euler30")
+PTQ_SUFFIX = "+svdquant"  # a row's precision label: "w4a4" (round-to-nearest PTQ) or "w4a4+svdquant"
+
+
+def precision_fields(label: str) -> dict[str, Any]:
+    """BuildConfig fields of a precision label: "w4a8" -> RTN, "w4a8+svdquant" -> SVDQuant PTQ."""
+    if label.endswith(PTQ_SUFFIX):
+        return {"precision": label[: -len(PTQ_SUFFIX)], "ptq": "svdquant"}
+    return {"precision": label, "ptq": "rtn"}
 
 Progress = Callable[[str], None]
 
@@ -271,7 +279,7 @@ def evaluate_case(
     seeds = evaluation_seeds(num_images)
     base = base_config or BuildConfig()
     base = BuildConfig.from_dict(
-        {**base.to_dict(), "precision": case.precision, "scheduler": case.scheduler, "steps": case.steps}
+        {**base.to_dict(), **precision_fields(case.precision), "scheduler": case.scheduler, "steps": case.steps}
     )
     cache_dir = Path(cache_dir)
     t0 = time.perf_counter()

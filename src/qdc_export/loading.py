@@ -114,6 +114,15 @@ class LoadedModel:
     def conditional(self) -> bool:
         return bool(self.conditioning.specs)
 
+    @property
+    def released(self) -> bool:
+        return any(p.is_meta for p in self.unet.parameters())
+
+    def release_weights(self) -> None:
+        """Free the UNet's weights (they become shapes only): a full-size FP UNet is the largest thing a
+        build holds, and its check needs it only for the FP trajectories."""
+        self.unet.to("meta")
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
