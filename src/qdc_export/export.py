@@ -22,15 +22,27 @@ OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 
 
-KEPT_METADATA = ("namespace",)  # the module path of each node: what `inspect` and TensorRT errors name
+NAMESPACE = "namespace"  # kept, compacted: the module path of each node, what TensorRT errors and tools name
+
+
+def compact_namespace(value: str) -> str:
+    """``"unet: UNet2DConditionModel/unet.mid_block: UNetMidBlock2D/conv_3: aten.conv2d.default"`` ->
+    ``"unet.mid_block/conv_3: aten.conv2d.default"``: the deepest module path and the node. The exporter's
+    chain of every enclosing scope with its class name repeats the same path per level (on a 1.4 M-parameter
+    model the chains were 18 % of the file) and adds nothing the module path does not say."""
+    *scopes, node = value.split("/")
+    module = scopes[-1].split(": ")[0] if scopes else ""
+    return f"{module}/{node}" if module else node
 
 
 def strip_exporter_metadata(model) -> None:
-    """Drop the exporter's per-node stack traces, FX node dumps and class hierarchies: about half of a
-    small model's file, machine-specific (paths), and of no use to a runtime."""
+    """Drop the exporter's per-node stack traces, FX node dumps and class hierarchies (machine-specific paths,
+    of no use to a runtime) and compact the namespace."""
     for node in model.graph.all_nodes():
-        for key in [k for k in node.metadata_props if k not in KEPT_METADATA]:
+        for key in [k for k in node.metadata_props if k != NAMESPACE]:
             del node.metadata_props[key]
+        if NAMESPACE in node.metadata_props:
+            node.metadata_props[NAMESPACE] = compact_namespace(node.metadata_props[NAMESPACE])
         for value in node.outputs:
             value.metadata_props.clear()
     for value in (*model.graph.inputs, *model.graph.initializers.values()):
