@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--replot", action="store_true", help="only rewrite fidelity.md and the plots from fidelity.json"
     )
+    p.add_argument(
+        "--merge-from", type=Path, nargs="+", default=None, metavar="DIR",
+        help="merge the rows of DIR/fidelity.json (runs with another --out, e.g. in parallel) into --out, then replot",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.num_images, args.samplers, args.methods = 16, "ddim20", "none,tcec-m0"
@@ -259,6 +263,20 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return written
 
 
+def merge_results(out: Path, sources: list[Path]) -> None:
+    """Rows of other result folders (same number of images) into ``out``; their commands join the meta."""
+    payload = json.loads((out / "fidelity.json").read_text())
+    rows, commands = payload["rows"], payload["meta"]["command"].split("; ")
+    for source in sources:
+        extra = json.loads((source / "fidelity.json").read_text())
+        rows = merge(rows, [r for r in extra["rows"] if r.get("num_images") == payload["meta"]["num_images"]])
+        command = extra["meta"]["command"].split(" --out")[0]
+        commands += [] if command in commands else [command]
+    payload["meta"]["command"] = "; ".join(commands)
+    write_all(rows, out, payload["meta"])
+    print(f"{len(rows)} rows in {out / 'fidelity.json'}")
+
+
 def write_all(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": _order(rows)}
@@ -275,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_third_party()
     args = parse_args(argv)
+    if args.merge_from:
+        merge_results(args.out, args.merge_from)
+        return 0
     if args.replot:
         payload = json.loads((args.out / "fidelity.json").read_text())
         write_all(payload["rows"], args.out, payload["meta"])

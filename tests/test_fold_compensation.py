@@ -76,7 +76,8 @@ def test_mixed_timesteps_in_one_batch_and_state(captured):
 
 
 def test_tcec_m1_build_has_state_io_and_passes_parity(build_factory):
-    result = build_factory("tiny-sd", "w8a8", compensation="tcec", tcec_variant="m1-fitted")
+    # folding mechanics, whatever the held-out check would say of these tables on a random-weight model
+    result = build_factory("tiny-sd", "w8a8", compensation="tcec", tcec_variant="m1-fitted", comp_validate=False)
     assert result.parity["passed"], summarize(result.parity)
     manifest = read_manifest(result.out)
     assert manifest["compensation"]["stateful"] and manifest["compensation"]["method"] == "tcec-m1-fitted"

@@ -37,7 +37,9 @@ def _finals(denoiser, model, scheduler_name: str, steps: int, seeds: list[int]) 
 
 @pytest.fixture(scope="module")
 def compensated(build_factory):
-    return build_factory("tiny-unet2d", "w8a8", compensation="tcec", tcec_variant="m0", write_report=True)
+    # a build whose engine carries the head (the held-out check would reject it on this random-weight model)
+    return build_factory("tiny-unet2d", "w8a8", compensation="tcec", tcec_variant="m0", write_report=True,
+                         comp_validate=False)
 
 
 def test_build_writes_report_with_existing_pngs(compensated):

@@ -17,7 +17,7 @@ from . import __version__
 from .calibrate import run_calibration
 from .capture import capture
 from .check import ParityTolerances, summarize
-from .compensate import fit_compensation
+from .compensate import fit_compensation, validate_compensation
 from .config import BuildConfig
 from .export import export_onnx
 from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
@@ -119,7 +119,14 @@ def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
                      config: BuildConfig, staging: Path, io: dict[str, Any]):
     """Fit the tables on paired trajectories, fold them into the graph, save them, extend the I/O."""
     tables = fit_compensation(gm, model, config)
-    folded, example = fold_compensation(gm, tables, example)
+    folded, folded_example = fold_compensation(gm, tables, example)
+    validation = (validate_compensation(gm, folded.module, tables.uses_state, model, config)
+                  if config.comp_validate and folded.modified else None)
+    if validation is not None and not validation["accepted"]:
+        # kept out of the engine: the held-out images got worse with it (see validate_compensation)
+        return gm, example, {"method": tables.method, "folded": False, "rejected": True, "validation": validation,
+                             "options": tables.options}
+    example = folded_example
     tables.save(staging / COMPENSATION_DIR)
     if tables.uses_state:
         shape = io["outputs"][0]["shape"]
@@ -131,6 +138,7 @@ def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
         "lookup": "row = argmin |timestep - timesteps[n]| if within tolerance else N",
         "formula": "noise_pred = scale[r] * eps_q - prev[r] * comp_state - bias[r]",
         "options": tables.options,
+        "validation": validation,
     }
     if tables.uses_state:
         description["state"] = (f"{COMP_STATE}: the previous step's raw model output (zeros at the first step); "

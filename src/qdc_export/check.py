@@ -112,6 +112,7 @@ class ParityCase:
     latent_shape: tuple[int, ...]
     conditioning: Any
     quantized: bool
+    int4_activations: bool = False  # w4a4: the report adds the reference's self-sensitivity (informational)
 
 
 @dataclass
@@ -130,6 +131,26 @@ def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Tra
                        case.conditioning.guidance_scale)
 
 
+def _self_sensitivity(module: Any, feeds: list[OrderedDict[str, np.ndarray]], reference_iters: Any) -> dict:
+    """Why: with 4-bit activations one rounding flip moves an activation by a whole INT4 step and flips more
+    downstream, so the Q/DQ graph may not agree with itself when its input moves by one ulp. That SNR is the
+    scale to read ONNX Runtime vs PyTorch per-step SNR against. Informational: never changes ``passed``.
+    Both directions: a flip needs a value on the matching side of a rounding boundary (tiny-unet2d W4A4 +
+    SVDQuant, 1 thread: -1 ulp gives 14.7 dB at step 0, +1 ulp 127 dB)."""
+    snrs: dict[str, list[float]] = {"up": [], "down": []}
+    with torch.no_grad():
+        for feed, ref in zip(feeds, reference_iters):
+            for direction, to in (("up", np.inf), ("down", -np.inf)):
+                nudged = [np.nextafter(a, np.float32(to)) if n == SAMPLE else a for n, a in feed.items()]
+                out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in nudged])
+                out = out[0] if isinstance(out, (tuple, list)) else out  # NOISE_PRED is the first output
+                snrs[direction].append(error_stats(ref[NOISE_PRED], out.numpy())["snr_db"])
+    per_step = [min(u, d) for u, d in zip(snrs["up"], snrs["down"])]
+    return {"what": "per-step SNR of the PyTorch reference against itself with the sample input nudged by "
+                    "one ulp (worse of towards +inf and -inf): how far the 4-bit-activation graph moves under it",
+            "min_snr_db": min(per_step), "per_step_snr_db": per_step, "by_direction": snrs}
+
+
 def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None = None) -> ParityRun:
     tol = tol or ParityTolerances()
     fp_images = latents_to_images(_trajectories(case, seeds, case.fp()).final) if case.quantized else None
@@ -145,6 +166,9 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
                OnnxrtRunner(session, name="onnxruntime")]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
         results = Comparator.run(runners, data_loader=recorder.feeds)
+    (_, torch_iters), (_, ort_iters) = list(results.items())
+    sensitivity = (_self_sensitivity(reference_module, recorder.feeds, torch_iters)
+                   if case.int4_activations else None)  # before the reference graph is released
     del runners, reference_module  # the engine's own trajectories below need only the session
     if case.quantized:
         funcs = [SnrCompareFunc(snr_threshold=tol.step_min_snr_db),
@@ -153,7 +177,6 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
         funcs = [CompareFunc.simple(atol=tol.fp32_atol, rtol=tol.fp32_rtol, check_error_stat="elemwise")]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         accuracy = Comparator.compare_accuracy(results, compare_func=funcs)
-    (_, torch_iters), (_, ort_iters) = list(results.items())
     per_step = [error_stats(a[NOISE_PRED], b[NOISE_PRED]) for a, b in zip(torch_iters, ort_iters)]
     report: dict[str, Any] = {
         "mode": "statistical" if case.quantized else "elementwise",
@@ -170,6 +193,8 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
         },
         "polygraphy_passed": bool(accuracy),
     }
+    if sensitivity is not None:
+        report["reference_self_sensitivity"] = sensitivity
     passed = bool(accuracy)
     if fp_images is not None:
         ort_images = latents_to_images(_trajectories(case, seeds, OrtDenoiser(session)).final)
@@ -202,4 +227,7 @@ def summarize(report: dict[str, Any]) -> str:
                 f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, ONNX Runtime {t['mean_psnr_onnxruntime_db']:.2f} dB, "
                 f"gap {t['gap_db']:.2f} dB (<= {tol['trajectory_psnr_margin_db']}); max abs {w['max_abs']:.3g} "
                 f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
+    if "reference_self_sensitivity" in report:
+        line += (f"; PyTorch vs itself at a 1-ulp sample nudge (+/-): SNR min "
+                 f"{report['reference_self_sensitivity']['min_snr_db']:.1f} dB (informational)")
     return ("PASS " if report["passed"] else "FAIL ") + line

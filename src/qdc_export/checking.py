@@ -93,6 +93,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
         latent_shape=tuple(manifest["io"]["inputs"][0]["shape"][1:]),
         conditioning=model.conditioning,
         quantized=build["precision"] != "fp32",
+        int4_activations=build["precision"] == "w4a4",
     )
     seeds = seeds or [PARITY_SEED_OFFSET + i for i in range(int(build["parity_samples"]))]
     run = run_parity(case, seeds, tolerances)

@@ -374,7 +374,8 @@ def write_report(
     reference = sample_latents(fp_denoiser(model), model, sched_name, steps, seeds)
     engine = OrtDenoiser.from_path(engine_path)
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
-    method = manifest.get("compensation", {}).get("method", "none")
+    compensation = manifest.get("compensation", {})
+    method = "none" if compensation.get("rejected") else compensation.get("method", "none")  # not in the engine
     quantized = config.quantized
     columns: list[tuple[str, torch.Tensor, list[float] | None]] = [
         ("FP model\n(eager PyTorch)", reference[-1], None)
@@ -387,6 +388,8 @@ def write_report(
         "scheduler": sched_name,
         "steps": steps,
     }
+    if compensation.get("rejected"):
+        summary["compensation_rejected"] = compensation["validation"]
     if not quantized:
         columns.append(
             (f"engine ({config.precision})", built_latents[-1], _psnr_list(reference, built_latents))

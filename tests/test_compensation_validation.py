@@ -1,0 +1,68 @@
+"""The build's held-out check of fitted compensation tables (compensate.validate_compensation): tables that
+lower the final-image PSNR against FP on unseen seeds are rejected, tables that raise it are accepted.
+
+The "quantized" model here is the captured FP graph with its output scaled by 1.25 (a known, systematic
+error), so the right tables are known exactly: scale 0.8 restores FP; scale 0.5 makes things worse."""
+
+import json
+
+import numpy as np
+import torch
+
+from qdc_export.capture import capture
+from qdc_export.compensate import validate_compensation
+from qdc_export.compensation import CompensationTables
+from qdc_export.config import BuildConfig
+from qdc_export.loading import load_model
+from qdc_export.passes.fold_compensation import fold_compensation
+from qdc_export.sampling import make_scheduler, schedule_timesteps
+
+CONFIG = BuildConfig(precision="w8a8", compensation="tcec", steps=4, calib_samples=2)
+
+
+class ScaledOutput(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, factor: float) -> None:
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, *args):
+        return self.inner(*args) * self.factor
+
+
+def _tables(model, scale: float) -> CompensationTables:
+    scheduler = make_scheduler(CONFIG.scheduler, model.scheduler_config)
+    timesteps = schedule_timesteps(scheduler, CONFIG.steps)
+    channels = model.unet.config.out_channels
+    rows = np.full((len(timesteps), channels), scale)
+    return CompensationTables.from_rows("tcec-m0", timesteps, rows, np.zeros_like(rows), np.zeros_like(rows))
+
+
+def test_validation_accepts_tables_that_restore_fp_and_rejects_tables_that_hurt():
+    model = load_model("tiny-unet2d")
+    gm, example = capture(model.unet, model.adapter)
+    broken = ScaledOutput(gm, 1.25)
+    verdicts = {}
+    for scale in (0.8, 0.5):
+        folded, _ = fold_compensation(broken, _tables(model, scale), example)
+        assert folded.modified
+        verdicts[scale] = validate_compensation(broken, folded.module, False, model, CONFIG)
+    good, bad = verdicts[0.8], verdicts[0.5]
+    assert good["accepted"] and good["psnr_with_db"] > good["psnr_without_db"] + 10, good
+    assert good["psnr_with_db"] > 60, good  # 1.25 * 0.8 = 1: FP up to float rounding
+    assert not bad["accepted"] and bad["psnr_with_db"] < bad["psnr_without_db"], bad
+    assert bad["seeds"] == good["seeds"] and len(bad["seeds"]) == CONFIG.calib_samples
+
+
+def test_build_records_the_held_out_check_and_folds_only_accepted_tables(build_factory):
+    result = build_factory("tiny-unet2d", "w8a8", compensation="tcec", tcec_variant="m0", write_report=True)
+    compensation = result.manifest["compensation"]
+    validation = compensation["validation"]
+    assert validation["accepted"] == (validation["psnr_with_db"] > validation["psnr_without_db"]), validation
+    inputs = [i["name"] for i in result.manifest["io"]["inputs"]]
+    if validation["accepted"]:
+        assert compensation["folded"] and (result.out / "compensation").is_dir()
+    else:  # the engine is the plain quantized one, and the build says so
+        assert compensation["rejected"] and not compensation["folded"]
+        assert not (result.out / "compensation").exists() and "comp_state" not in inputs
+        summary = json.loads((result.out / "report" / "report.json").read_text())
+        assert summary["compensation_rejected"] == validation and summary["method"] == "none"
