@@ -152,7 +152,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any])
         "",
         (
             "Plots: `fidelity_psnr.png` (PSNR by method), `fidelity_error_<model>_<precision>_<sampler>.png` "
-            "(per-step latent error, one line per method)."
+            "(per-step latent error, one line per method), `fidelity_gain_overview.png` (every gain in one picture)."
         ),
         "",
     ]
@@ -184,8 +184,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 "markersize": 2.5,
                 "linewidth": 1.4,
                 "linestyle": "--" if r["method"] == "none" else "-",
-                "color": plt.get_cmap("tab10")(
-                    list(METHODS).index(r["method"]) % 10
+                "color": plt.get_cmap("tab20")(
+                    list(METHODS).index(r["method"]) % 20
                 ),  # same colour in every plot
             }
             ax.plot(
@@ -214,7 +214,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     # PSNR panels, one per (model, precision): left, mean PSNR per method and sampler; right, the paired gain
     # over "none" (mean over images of PSNR_method - PSNR_none, +- its standard error), which is what separates
     # methods whose image-to-image spread (std ~2 dB) dwarfs their differences.
-    panels = sorted({(r["model"], r["precision"]) for r in rows})
+    panels = list(dict.fromkeys((r["model"], r["precision"]) for r in _order(rows)))
     if panels:
         fig, axes = plt.subplots(
             len(panels),
@@ -225,7 +225,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             gridspec_kw={"width_ratios": [1, 1.2]},
         )
         methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-        colours = plt.get_cmap("tab10")
+        colours = plt.get_cmap("tab20")
         for (ax, axd), (model, precision) in zip(axes, panels):
             sel = [r for r in rows if r["model"] == model and r["precision"] == precision]
             samplers = list(dict.fromkeys(r["sampler"] for r in _order(sel)))
@@ -243,7 +243,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                         gain, sem = paired_gain(hit[0], none[0] if none else None)
                         ds.append(gain)
                         es.append(sem)
-                colour = colours(list(METHODS).index(m) % 10)
+                colour = colours(list(METHODS).index(m) % 20)
                 ax.bar(xs, ys, width, bottom=floor, label=m, color=colour)
                 axd.bar(xs, ds, width, yerr=es, capsize=2, label=m, color=colour)
             for a in (ax, axd):
@@ -260,7 +260,52 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    written += plot_gain_overview(rows, out)
     return written
+
+
+def plot_gain_overview(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One picture of the whole table: per model, rows = precision, columns = sampler x method, cell = paired
+    PSNR gain over no compensation (dB; blue helps, red hurts), with the uncompensated PSNR on the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = list(dict.fromkeys(r["model"] for r in _order(rows)))
+    if not models:
+        return []
+    fig, axes = plt.subplots(len(models), 1, figsize=(16, 3.2 * len(models) + 1), dpi=110, squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        sel = _order([r for r in rows if r["model"] == model])
+        precisions = list(dict.fromkeys(r["precision"] for r in sel))
+        columns = list(dict.fromkeys((r["sampler"], r["method"]) for r in sel if r["method"] != "none"))
+        none = {(r["precision"], r["sampler"]): r for r in sel if r["method"] == "none"}
+        grid = np.full((len(precisions), len(columns)), np.nan)
+        for r in sel:
+            if r["method"] != "none":
+                gain, _ = paired_gain(r, none.get((r["precision"], r["sampler"])))
+                grid[precisions.index(r["precision"]), columns.index((r["sampler"], r["method"]))] = gain
+        limit = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
+        cmap = plt.get_cmap("RdBu").copy()
+        cmap.set_bad("#dddddd")  # not run
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(columns)), [f"{s}\n{m}" for s, m in columns], fontsize=6.5, rotation=90)
+        labels = []
+        for p in precisions:
+            base = [none[(p, s)]["psnr_db"]["mean"] for (q, s) in none if q == p]
+            labels.append(f"{p}  (none: {', '.join(f'{b:.1f}' for b in base)} dB)")  # in sampler order
+        ax.set_yticks(range(len(precisions)), labels, fontsize=8)
+        ax.set_title(f"{model}: PSNR gain over no compensation (dB, paired, 64 images); grey = not run", fontsize=10)
+    fig.tight_layout()
+    path = out / "fidelity_gain_overview.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
 
 
 def merge_results(out: Path, sources: list[Path]) -> None:
