@@ -75,6 +75,10 @@ def run_one(args: argparse.Namespace) -> dict:
     from qdc_export.config import BuildConfig
 
     _quiet_third_party()
+    import logging
+
+    logging.basicConfig(format="[scale] %(message)s")
+    logging.getLogger("qdc_export.memory").setLevel(logging.INFO)  # RSS at each phase of the check
     torch.set_num_threads(args.threads)
     meter = StageMeter()
     original_stage = build_module._Timer.stage

@@ -22,7 +22,7 @@ from .config import BuildConfig
 from .export import export_onnx
 from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
 from .loading import LoadedModel, load_model
-from .memory import release_memory
+from .memory import log_resident, release_memory
 from .manifest import canonical_json, package_versions, write_manifest
 from .passes.annotate import QuantizationPlan
 from .passes.cleanup import remove_inference_noops, remove_unused_weights
@@ -178,6 +178,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             save_program(program, staging / REFERENCE_FILE)  # byte-reproducible archive
         del gm, program  # written out; the check loads the files, so don't hold a second copy of the weights
         release_memory()
+        log_resident("build: ONNX model and reference graph written")
         if model.conditioning.table:
             save_file({k: v.contiguous() for k, v in model.conditioning.table.items()}, str(staging / CONDITIONING_FILE))
         scheduler = make_scheduler(config.scheduler, model.scheduler_config)

@@ -14,7 +14,7 @@ from .engines.providers import create_session
 from .errors import UserError
 from .goldens import backend_runner, compare_against, save_goldens
 from .loading import LoadedModel, load_model
-from .memory import release_memory
+from .memory import log_resident, release_memory
 from .manifest import read_manifest, verify_artifacts
 from .plugins.base import COMP_STATE
 from .sampling import TorchDenoiser, make_scheduler
@@ -77,15 +77,27 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
     cond_names = manifest["conditioning"]["names"]
 
     def release_fp() -> None:
+        log_resident("check: FP trajectories taken")
         if release_model:
             model.release_weights()
         release_memory()
+        log_resident("check: FP weights released")
+
+    def open_reference() -> Any:
+        module = load_reference(folder / "reference.pt2")
+        log_resident("check: reference graph loaded")
+        return module
+
+    def open_engine() -> Any:
+        session = create_session(folder / "model.onnx", provider=provider, cpu_mem_arena=False)
+        log_resident("check: ONNX Runtime session created")
+        return session
 
     case = ParityCase(
         fp=lambda: TorchDenoiser(model.adapter.wrap(model.unet).eval(), cond_names),
         release_fp=release_fp,
-        open_reference=lambda: load_reference(folder / "reference.pt2"),
-        open_engine=lambda: create_session(folder / "model.onnx", provider=provider, cpu_mem_arena=False),
+        open_reference=open_reference,
+        open_engine=open_engine,
         cond_names=cond_names,
         stateful=any(i["name"] == COMP_STATE for i in manifest["io"]["inputs"]),
         scheduler=make_scheduler(build["scheduler"], model.scheduler_config),
