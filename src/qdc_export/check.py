@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,16 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
 from polygraphy.logger import G_LOGGER
 from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
 
+from .memory import release_memory
 from .metrics import error_stats, psnr
 from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
 from .engines.onnxruntime import OrtDenoiser
 from .sampling import Denoiser, TorchDenoiser, Trajectory, initial_latents, latents_to_images, run_sampler
+
+
+REFERENCE_RUNNER = "pytorch"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,47 +42,15 @@ class ParityTolerances:
     trajectory_psnr_margin_db: float = 1.0
 
 
-class TorchRunner(BaseRunner):
-    """Polygraphy runner over a positional-input torch module on CPU. (Polygraphy's PytRunner moves
-    every input to CUDA, so it cannot run on a CPU-only machine.)"""
-
-    def __init__(self, module: Any, input_shapes: dict[str, tuple[int, ...]], output_names: list[str],
-                 name: str = "pytorch"):
-        super().__init__(name=name, prefix="pytorch-runner")
-        self.module, self.input_shapes, self.output_names = module, input_shapes, output_names
-        self.input_names = list(input_shapes)
-
-    def activate_impl(self) -> None:
-        return None
-
-    def get_input_metadata_impl(self):
-        from polygraphy.common import TensorMetadata
-
-        meta = TensorMetadata()
-        for name in self.input_names:
-            meta.add(name, np.float32, (-1, *self.input_shapes[name][1:]))
-        return meta
-
-    def infer_impl(self, feed_dict):
-        import time
-
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in self.input_names])
-            self.inference_time = time.perf_counter() - start
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return OrderedDict((n, o.detach().numpy()) for n, o in zip(self.output_names, outs))
-
-    def deactivate_impl(self) -> None:
-        return None
-
-
 class RecordingDenoiser:
-    """Wraps a Denoiser and records every step's engine feed (inputs incl. comp_state)."""
+    """Wraps the reference graph's Denoiser and records every step's engine feed (inputs incl. comp_state) and
+    its outputs, as Polygraphy iteration results: the reference is run once, on the trajectory it makes, and
+    can be released before the engine is opened (the two never hold their weights at the same time)."""
 
     def __init__(self, inner: Any, cond_names: list[str]) -> None:
         self.inner, self.cond_names = inner, cond_names
         self.feeds: list[OrderedDict[str, np.ndarray]] = []
+        self.outputs: list[IterationResult] = []
 
     def reset(self, batch: int) -> None:
         self.inner.reset(batch)
@@ -92,7 +64,13 @@ class RecordingDenoiser:
             feed[COMP_STATE] = (np.zeros_like(feed[SAMPLE]) if state is None or state.shape != sample.shape
                                 else np.asarray(state).copy())
         self.feeds.append(feed)
-        return self.inner(sample, timestep, cond)
+        start = time.perf_counter()
+        out = self.inner(sample, timestep, cond)
+        outputs = OrderedDict([(NOISE_PRED, out.numpy().copy())])
+        if getattr(self.inner, "stateful", False):
+            outputs[COMP_STATE_OUT] = np.asarray(self.inner.state).copy()
+        self.outputs.append(IterationResult(outputs, time.perf_counter() - start, REFERENCE_RUNNER))
+        return out
 
 
 @dataclass
@@ -153,23 +131,25 @@ def _self_sensitivity(module: Any, feeds: list[OrderedDict[str, np.ndarray]], re
 
 def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None = None) -> ParityRun:
     tol = tol or ParityTolerances()
+    # 1. FP model: trajectories, then its weights go
     fp_images = latents_to_images(_trajectories(case, seeds, case.fp()).final) if case.quantized else None
     case.release_fp()
+    # 2. PyTorch reference graph: its own trajectory, recording each step's feed and outputs
     reference_module = case.open_reference()
     recorder = RecordingDenoiser(TorchDenoiser(reference_module, case.cond_names, stateful=case.stateful),
                                  case.cond_names)
     ref_traj = _trajectories(case, seeds, recorder)
-    session = case.open_engine()
-    input_shapes = {name: array.shape for name, array in recorder.feeds[0].items()}
-    output_names = [NOISE_PRED] + ([COMP_STATE_OUT] if case.stateful else [])
-    runners = [TorchRunner(reference_module, input_shapes, output_names),
-               OnnxrtRunner(session, name="onnxruntime")]
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
-        results = Comparator.run(runners, data_loader=recorder.feeds)
-    (_, torch_iters), (_, ort_iters) = list(results.items())
+    torch_iters = recorder.outputs
     sensitivity = (_self_sensitivity(reference_module, recorder.feeds, torch_iters)
-                   if case.int4_activations else None)  # before the reference graph is released
-    del runners, reference_module  # the engine's own trajectories below need only the session
+                   if case.int4_activations else None)
+    del reference_module, recorder.inner
+    release_memory()
+    # 3. the engine on the same feeds (Polygraphy), then its own trajectory
+    session = case.open_engine()
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
+        results = Comparator.run([OnnxrtRunner(session, name="onnxruntime")], data_loader=recorder.feeds)
+    results = RunResults([(REFERENCE_RUNNER, torch_iters), *results.items()])
+    ort_iters = list(results.values())[1]
     if case.quantized:
         funcs = [SnrCompareFunc(snr_threshold=tol.step_min_snr_db),
                  CosineSimilarityCompareFunc(cosine_similarity_threshold=tol.step_min_cosine)]

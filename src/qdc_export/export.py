@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -71,5 +72,20 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
                   location=path.name + ".data")
     else:
         program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
+    release_exporter_tensors(program)
     onnx.checker.check_model(str(path), full_check=True)
     return onnx.load(str(path), load_external_data=False)
+
+
+def release_exporter_tensors(program: Any) -> None:
+    """Drop the exported ONNX program's references to the module's tensors once the file is written. Its IR
+    initializers wrap the module's own parameters (not copies), and the IR graph outlives this call (a
+    module-level onnxscript rewrite rule's pattern matcher keeps the last graph it matched): measured on SD 1.5, the FP UNet's 3.4 GB stayed resident through the
+    parity check even after the UNet itself was released."""
+    graph = program.model.graph
+    for value in [*graph.initializers.values(), *graph.inputs]:
+        value.const_value = None
+    graph.initializers.clear()
+    with contextlib.suppress(AttributeError):
+        program.exported_program = None
+

@@ -116,12 +116,17 @@ class LoadedModel:
 
     @property
     def released(self) -> bool:
-        return any(p.is_meta for p in self.unet.parameters())
+        return any(p.numel() == 0 for p in self.unet.parameters())
 
     def release_weights(self) -> None:
-        """Free the UNet's weights (they become shapes only): a full-size FP UNet is the largest thing a
-        build holds, and its check needs it only for the FP trajectories."""
-        self.unet.to("meta")
+        """Free the UNet's weights: a full-size FP UNet is the largest thing a build holds, and its check needs
+        it only for the FP trajectories. The data of each Parameter object is replaced in place (``.data``),
+        not the module's attributes (``.to("meta")``): the captured graphs hold the same Parameter objects,
+        and a graph still reachable from elsewhere (measured: PT2E's observed module) would keep the old
+        storage alive. The UNet is unusable afterwards (``released``)."""
+        with torch.no_grad():
+            for tensor in [*self.unet.parameters(), *self.unet.buffers()]:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
