@@ -273,6 +273,11 @@ def plot_gain_overview(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from qdc_export.fidelity import METHODS, SAMPLERS
+
+    def _rank(name: str, names: Any) -> int:
+        return list(names).index(name) if name in names else 99
+
     models = list(dict.fromkeys(r["model"] for r in _order(rows)))
     if not models:
         return []
@@ -280,7 +285,8 @@ def plot_gain_overview(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for ax, model in zip(axes[:, 0], models):
         sel = _order([r for r in rows if r["model"] == model])
         precisions = list(dict.fromkeys(r["precision"] for r in sel))
-        columns = list(dict.fromkeys((r["sampler"], r["method"]) for r in sel if r["method"] != "none"))
+        columns = sorted({(r["sampler"], r["method"]) for r in sel if r["method"] != "none"},
+                         key=lambda c: (_rank(c[0], SAMPLERS), _rank(c[1], METHODS)))
         none = {(r["precision"], r["sampler"]): r for r in sel if r["method"] == "none"}
         grid = np.full((len(precisions), len(columns)), np.nan)
         for r in sel:
