@@ -21,7 +21,7 @@ from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunR
 from polygraphy.logger import G_LOGGER
 from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
 
-from .memory import release_memory
+from .memory import log_resident, release_memory
 from .metrics import error_stats, psnr
 from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
 from .engines.onnxruntime import OrtDenoiser
@@ -140,6 +140,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
                                  case.cond_names)
     ref_traj = _trajectories(case, seeds, recorder)
     torch_iters = recorder.outputs
+    log_resident("check: reference trajectory run")
     sensitivity = (_self_sensitivity(reference_module, recorder.feeds, torch_iters)
                    if case.int4_activations else None)
     del reference_module, recorder.inner

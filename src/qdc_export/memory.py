@@ -11,11 +11,11 @@ from pathlib import Path
 log = logging.getLogger("qdc_export.memory")
 
 
-def resident_gb() -> float:
-    """This process's resident set size (VmRSS) in GB; 0.0 where /proc is absent."""
+def resident_gb(key: str = "VmRSS") -> float:
+    """This process's resident set size (``VmRSS``) or its peak (``VmHWM``) in GB; 0.0 where /proc is absent."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024**2
     except OSError:
         pass
@@ -23,8 +23,15 @@ def resident_gb() -> float:
 
 
 def log_resident(what: str) -> None:
-    """One INFO line per phase of the large stages (benchmarks/scale.py prints them)."""
-    log.info("%s: RSS %.2f GB", what, resident_gb())
+    """One INFO line per phase of the large stages (benchmarks/scale.py prints them): RSS now and the peak
+    since the previous line (the kernel's high-water mark, reset here when logging is on)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info("%s: RSS %.2f GB (peak since last %.2f GB)", what, resident_gb(), resident_gb("VmHWM"))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def release_memory() -> None:
