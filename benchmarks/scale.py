@@ -50,16 +50,18 @@ class StageMeter:
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, float]] = {}
         self.resettable = _reset_peak()
+        self.sub_peaks: list[float] = []  # peaks of the phases the library logs inside a stage (it resets VmHWM)
 
     def enter(self, name: str) -> None:
         gc.collect()
         self.resettable = _reset_peak()
+        self.sub_peaks = []
         self.stages[name] = {"rss_start_gb": _status_kb("VmRSS") / 1024**2, "start": time.perf_counter()}
 
     def exit(self, name: str) -> None:
         entry = self.stages[name]
         entry["wall_s"] = round(time.perf_counter() - entry.pop("start"), 2)
-        entry["peak_rss_gb"] = round(_status_kb("VmHWM") / 1024**2, 2)
+        entry["peak_rss_gb"] = round(max([_status_kb("VmHWM") / 1024**2, *self.sub_peaks]), 2)
         entry["rss_end_gb"] = round(_status_kb("VmRSS") / 1024**2, 2)
         entry["rss_start_gb"] = round(entry["rss_start_gb"], 2)
         print(f"[scale] {name:16s} {entry['wall_s']:9.1f} s  peak {entry['peak_rss_gb']:6.2f} GB  "
@@ -78,7 +80,14 @@ def run_one(args: argparse.Namespace) -> dict:
     import logging
 
     logging.basicConfig(format="[scale] %(message)s")
-    logging.getLogger("qdc_export.memory").setLevel(logging.INFO)  # RSS at each phase of the check
+    memory_log = logging.getLogger("qdc_export.memory")
+    memory_log.setLevel(logging.INFO)  # RSS at each phase of the check, with the phase's peak
+
+    class _PeakCatcher(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            meter.sub_peaks.append(float(record.args[2]))  # ("%s: RSS %.2f GB (peak since last %.2f GB)")
+
+    memory_log.addHandler(_PeakCatcher())
     torch.set_num_threads(args.threads)
     meter = StageMeter()
     original_stage = build_module._Timer.stage

@@ -25,7 +25,7 @@ from .loading import LoadedModel, load_model
 from .memory import log_resident, release_memory
 from .manifest import canonical_json, package_versions, write_manifest
 from .passes.annotate import QuantizationPlan
-from .passes.cleanup import remove_inference_noops, remove_unused_weights
+from .passes.cleanup import remove_inference_noops, remove_unused_weights, sink_weight_computations
 from .passes.fold_compensation import fold_compensation
 from .passes.qdq import insert_observers, materialize_qdq
 from .plugins.base import COMP_STATE, COMP_STATE_OUT
@@ -165,6 +165,8 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         output_names = [o["name"] for o in io["outputs"]]
         unused = remove_unused_weights(gm)  # float weights replaced by INT8 constants: not exported, not saved
         info["passes"].append({"name": "remove_unused_weights", "modified": unused.modified, **unused.details})
+        sunk = sink_weight_computations(gm)  # the reference graph then holds one dequantized weight at a time
+        info["passes"].append({"name": "sink_weight_computations", "modified": sunk.modified, **sunk.details})
         with timer.stage("export_onnx"):
             export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names)
         if config.target == "tensorrt":

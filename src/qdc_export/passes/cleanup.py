@@ -47,3 +47,30 @@ def remove_unused_weights(gm: torch.fx.GraphModule) -> PassResult:
     if removed:
         gm.delete_all_unused_submodules()
     return PassResult(gm, bool(removed), {"removed_weights": len(removed), "removed_bytes": freed})
+
+
+def sink_weight_computations(gm: torch.fx.GraphModule) -> PassResult:
+    """Needs: nothing. Guarantees: every computation on constants only (a weight's DequantizeLinear, INT4
+    unpacking, reshapes) runs right before its first user, so one layer's dequantized FP32 weight is alive at a
+    time. Why: PT2E places weight dequantization at the top of the graph (next to the weights' get_attr), so a
+    forward of the reference graph held every layer's FP32 weight at once (measured on SD 1.5: +3.3 GB, the
+    whole FP UNet; SDXL's parity check went past 21 GB on it)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    constant: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes
+                                     and all(n in constant for n in node.all_input_nodes)):
+            constant.add(node)
+    moved = 0
+    for node in reversed(list(gm.graph.nodes)):  # users first, so chains of constant ops travel together
+        if node.op != "call_function" or node not in constant or not node.users:
+            continue
+        first_user = min(node.users, key=lambda user: order.get(user, len(order)))
+        if node.next is not first_user:
+            first_user.prepend(node)
+            moved += 1
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}  # positions changed
+    if moved:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, moved > 0, {"moved": moved})
