@@ -104,3 +104,32 @@ def test_sampler_scales_the_starting_noise_of_the_set_schedule():
     ratio = float(traj.latents[0].std() / noise.std())
     assert abs(ratio - float(expected.init_noise_sigma)) < 1e-3 * ratio, (ratio, float(expected.init_noise_sigma))
     assert float(expected.init_noise_sigma) < float(scheduler.init_noise_sigma)  # the bug this guards against
+
+
+@pytest.mark.parametrize("precision", ["w8a8", "w4a16"])
+def test_sink_weight_computations_puts_each_weight_op_next_to_its_user_and_keeps_outputs(precision):
+    from qdc_export.build import build_graph
+    from qdc_export.passes.cleanup import remove_unused_weights, sink_weight_computations
+
+    model = load_model("tiny-sd")
+    gm, example, _ = build_graph(model, BuildConfig(precision=precision, steps=2, calib_samples=1))
+    remove_unused_weights(gm)
+    with torch.no_grad():
+        before = gm(*example)
+    result = sink_weight_computations(gm)
+    with torch.no_grad():
+        after = gm(*example)
+    assert torch.equal(before, after)  # a reordering: bit-identical
+    nodes = list(gm.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    weight_ops = [n for n in nodes if n.op == "call_function" and n.all_input_nodes
+                  and all(i.op == "get_attr" for i in n.all_input_nodes)]
+    assert weight_ops, "the quantized graph has weight computations"
+    for node in weight_ops:  # its first user follows, possibly after the rest of its constant chain
+        first_user = min(node.users, key=position.__getitem__)
+        between = nodes[position[node] + 1:position[first_user]]
+        assert all(b.op == "get_attr" or b in weight_ops or all(i.op != "placeholder" for i in b.all_input_nodes)
+                   for b in between), (node.name, [b.name for b in between])
+        assert len(between) <= 8, (node.name, [b.name for b in between])
+    assert sink_weight_computations(gm).modified is False  # idempotent
+    assert result.details["moved"] >= 0
