@@ -81,6 +81,11 @@ def _precision_rank(label: str, precisions: tuple[str, ...]) -> float:
     return (precisions.index(base) if base in precisions else 99) + (0.5 if label.endswith(PTQ_SUFFIX) else 0)
 
 
+def _rank(name: str, names: Any) -> int:
+    """Position of ``name`` in a known ordering (SAMPLERS, METHODS); unknown names last."""
+    return list(names).index(name) if name in names else 99
+
+
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from qdc_export.config import PRECISIONS
     from qdc_export.fidelity import METHODS, SAMPLERS
@@ -89,8 +94,8 @@ def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (
             r["model"],
             _precision_rank(r["precision"], PRECISIONS),
-            list(SAMPLERS).index(r["sampler"]) if r["sampler"] in SAMPLERS else 99,
-            list(METHODS).index(r["method"]) if r["method"] in METHODS else 99,
+            _rank(r["sampler"], SAMPLERS),
+            _rank(r["method"], METHODS),
         )
 
     return sorted(rows, key=key)
@@ -274,9 +279,6 @@ def plot_gain_overview(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import numpy as np
 
     from qdc_export.fidelity import METHODS, SAMPLERS
-
-    def _rank(name: str, names: Any) -> int:
-        return list(names).index(name) if name in names else 99
 
     models = list(dict.fromkeys(r["model"] for r in _order(rows)))
     if not models:

@@ -25,23 +25,10 @@ import threading
 import time
 from pathlib import Path
 
+from qdc_export.memory import reset_peak, resident_gb
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 class StageMeter:
@@ -49,20 +36,20 @@ class StageMeter:
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, float]] = {}
-        self.resettable = _reset_peak()
+        reset_peak()
         self.sub_peaks: list[float] = []  # peaks of the phases the library logs inside a stage (it resets VmHWM)
 
     def enter(self, name: str) -> None:
         gc.collect()
-        self.resettable = _reset_peak()
+        reset_peak()
         self.sub_peaks = []
-        self.stages[name] = {"rss_start_gb": _status_kb("VmRSS") / 1024**2, "start": time.perf_counter()}
+        self.stages[name] = {"rss_start_gb": resident_gb(), "start": time.perf_counter()}
 
     def exit(self, name: str) -> None:
         entry = self.stages[name]
         entry["wall_s"] = round(time.perf_counter() - entry.pop("start"), 2)
-        entry["peak_rss_gb"] = round(max([_status_kb("VmHWM") / 1024**2, *self.sub_peaks]), 2)
-        entry["rss_end_gb"] = round(_status_kb("VmRSS") / 1024**2, 2)
+        entry["peak_rss_gb"] = round(max([resident_gb("VmHWM"), *self.sub_peaks]), 2)
+        entry["rss_end_gb"] = round(resident_gb(), 2)
         entry["rss_start_gb"] = round(entry["rss_start_gb"], 2)
         print(f"[scale] {name:16s} {entry['wall_s']:9.1f} s  peak {entry['peak_rss_gb']:6.2f} GB  "
               f"end {entry['rss_end_gb']:6.2f} GB", flush=True)

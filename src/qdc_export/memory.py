@@ -28,10 +28,16 @@ def log_resident(what: str) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     log.info("%s: RSS %.2f GB (peak since last %.2f GB)", what, resident_gb(), resident_gb("VmHWM"))
+    reset_peak()
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's high-water mark (VmHWM) to the current RSS; False where that is not possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
 def release_memory() -> None:
