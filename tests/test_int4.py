@@ -15,8 +15,9 @@ from qdc_export.engines.trt_rules import check_tensorrt_compatibility
 from qdc_export.errors import UserError
 from qdc_export.inspection import inspect_model
 from qdc_export.manifest import read_manifest
-from qdc_export.passes.int4 import (Int4Options, dequantize_blockwise, fake_quantize_int4_group, insert_recorders,
-                                    pack_int4_initializers, quantize_blockwise, quantize_int4, search_clip_ratio)
+from qdc_export.passes.int4 import (Int4Options, dequantize_blockwise, fake_quantize_blockwise,
+                                    fake_quantize_int4_group, insert_recorders, pack_int4_initializers,
+                                    quantize_blockwise, quantize_int4, search_clip_ratio)
 from qdc_export.passes.svdquant import SvdQuantOptions, svdquant
 
 # Known, measured (issue 5). The build depends on the torch thread count (calibration, SVD): final-image PSNR
@@ -150,6 +151,17 @@ def test_clip_search_never_worse_than_ratio_one():
         ratio, errors = search_clip_ratio(w, x, 64)
         assert errors[ratio] <= errors[1.0]
     assert search_clip_ratio(w, None, 64) == (1.0, {})
+
+
+@pytest.mark.parametrize("rows", [512, 16], ids=["gram-route", "direct-route"])
+def test_clip_search_error_is_the_layer_output_error(rows):
+    # both routes (Gram matrix when rows > K, direct product when rows < K) compute ||X (W - W_hat)^T||^2
+    torch.manual_seed(2)
+    w, x = torch.randn(24, 96), torch.randn(rows, 96)
+    _, errors = search_clip_ratio(w, x, 32)
+    for ratio, value in errors.items():
+        expected = float(((x.double() @ (w - fake_quantize_blockwise(w, 32, ratio)).double().T) ** 2).sum())
+        assert value == pytest.approx(expected, rel=1e-9), (ratio, value, expected)
 
 
 def test_group_activation_quantization_matches_onnx_semantics():

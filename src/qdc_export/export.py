@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from .passes.int4 import ONNX_TRANSLATIONS, pack_int4_initializers
+from .passes.onnx_weights import fold_weight_transposes
 
 OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
@@ -63,6 +64,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
         )
     assert program is not None
     strip_exporter_metadata(program.model)
+    fold_weight_transposes(program.model)  # DQ -> Transpose -> MatMul would be constant-folded to FP32 by runtimes
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     has_int4 = any(n.op == "call_function" and str(n.target).startswith("qdc.")
                    for n in getattr(module, "graph", torch.fx.Graph()).nodes)

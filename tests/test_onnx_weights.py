@@ -1,0 +1,60 @@
+"""The Linear-weight Transpose fold (passes.onnx_weights): same outputs in ONNX Runtime, no Transpose left."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qdc_export.engines.providers import create_session
+from qdc_export.passes.onnx_weights import fold_weight_transposes
+
+
+def _linear_model(per_channel: bool, weight_readers: int = 1) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(6, 5), dtype=np.int8)  # [O, K]
+    scale = (rng.random(6) * 0.1 + 0.01).astype(np.float32) if per_channel else np.float32(0.05)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=0),
+        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w_t"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 6])]
+    if weight_readers > 1:  # a second reader of the stored weight: must not be folded
+        nodes.append(helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w_again"], axis=0))
+        outputs.append(helper.make_tensor_value_info("w_again", TensorProto.FLOAT, [6, 5]))
+    graph = helper.make_graph(
+        nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5])], outputs,
+        initializer=[numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.asarray(scale), "w_scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return create_session(model, optimization="disable").run(None, {"x": x})
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_fold_removes_transpose_and_keeps_outputs(per_channel):
+    model = _linear_model(per_channel)
+    x = np.random.default_rng(1).standard_normal((2, 3, 5)).astype(np.float32)
+    before = _run(model, x)
+    ir_model = ir.from_proto(model)
+    assert fold_weight_transposes(ir_model) == 1
+    folded = ir.to_proto(ir_model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "MatMul"]
+    weight = next(i for i in folded.graph.initializer if i.name == "w_q")
+    assert list(weight.dims) == [5, 6]
+    if per_channel:
+        assert helper.get_attribute_value(folded.graph.node[0].attribute[0]) == 1
+    after = _run(folded, x)
+    # same values into the same MatMul: exact
+    np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_fold_leaves_shared_weights_alone():
+    ir_model = ir.from_proto(_linear_model(True, weight_readers=2))
+    assert fold_weight_transposes(ir_model) == 0
+    assert [n.op_type for n in ir_model.graph] == ["DequantizeLinear", "Transpose", "MatMul", "DequantizeLinear"]
