@@ -34,7 +34,8 @@ GIB = 1024**3
 class StageMeter:
     """Wraps the build's stage timer: wall time and VmHWM (reset per stage) for every stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, partial_path: Path | None = None) -> None:
+        self.partial_path = partial_path  # stages so far, rewritten after each one (kept if the run is killed)
         self.stages: dict[str, dict[str, float]] = {}
         reset_peak()
         self.sub_peaks: list[float] = []  # peaks of the phases the library logs inside a stage (it resets VmHWM)
@@ -53,6 +54,8 @@ class StageMeter:
         entry["rss_start_gb"] = round(entry["rss_start_gb"], 2)
         print(f"[scale] {name:16s} {entry['wall_s']:9.1f} s  peak {entry['peak_rss_gb']:6.2f} GB  "
               f"end {entry['rss_end_gb']:6.2f} GB", flush=True)
+        if self.partial_path is not None:
+            self.partial_path.write_text(json.dumps(self.stages, indent=2))
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -76,7 +79,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     memory_log.addHandler(_PeakCatcher())
     torch.set_num_threads(args.threads)
-    meter = StageMeter()
+    meter = StageMeter(Path(args.json + ".stages"))
     original_stage = build_module._Timer.stage
 
     def stage(self, name):
@@ -176,6 +179,9 @@ def run_all(args: argparse.Namespace) -> None:
                     report = json.loads(out_json.read_text())
                 else:
                     report = {"model": model, "precision": precision, "failed": state.get("killed") or f"exit {rc}"}
+                    partial = Path(str(out_json) + ".stages")
+                    if partial.is_file():  # the stages that finished before it failed
+                        report["stages"] = json.loads(partial.read_text())
                 report["watchdog_max_rss_gb"] = round(state.get("max_rss_gb", 0.0), 2)
                 runs = [r for r in runs if (r["model"], r["precision"], r.get("label", "")) != (model, precision, "")]
                 runs.append(report)
@@ -193,17 +199,21 @@ def _write(runs: list[dict]) -> None:
         title = f"## {run['model']} {run['precision']}" + (f" ({run['label']})" if run.get("label") else "")
         if "failed" in run:
             lines += [title, "", f"FAILED: {run['failed']} (watchdog max RSS {run.get('watchdog_max_rss_gb')} GB)", ""]
+            if run.get("stages"):
+                lines += ["Stages that finished:", "", *_stage_table(run["stages"]), ""]
             continue
         summary = (f"params {run.get('params')}, sample size {run['sample_size']}"
                    f"{' (reduced)' if run['sample_size_reduced'] else ''}, {run['steps']} steps, "
                    f"{run['calib_samples']} calibration / {run['parity_samples']} parity samples; "
                    f"total {run['total_wall_s']} s, peak {run['peak_rss_gb']} GB; parity passed: {run['parity_passed']}")
         lines += [title, "", summary, "", *([run["note"], ""] if run.get("note") else []),
-                  "| stage | wall s | peak RSS GB | RSS after GB |", "|---|---:|---:|---:|"]
-        for name, stage in run["stages"].items():
-            lines.append(f"| {name} | {stage['wall_s']} | {stage['peak_rss_gb']} | {stage['rss_end_gb']} |")
-        lines.append("")
+                  *_stage_table(run["stages"]), ""]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+def _stage_table(stages: dict[str, dict[str, float]]) -> list[str]:
+    rows = ["| stage | wall s | peak RSS GB | RSS after GB |", "|---|---:|---:|---:|"]
+    return rows + [f"| {name} | {st['wall_s']} | {st['peak_rss_gb']} | {st['rss_end_gb']} |" for name, st in stages.items()]
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """ONNX export (opset 21, standard QuantizeLinear/DequantizeLinear, no custom ops) through
-torch.onnx.export(dynamo=True). INT8 weights stay INT8 initializers behind DequantizeLinear; models
-over 2 GB are written with external data. Every file passes onnx.checker's full check.
+torch.onnx.export(dynamo=True). INT8 weights stay INT8 initializers behind DequantizeLinear, Linear
+weights stored pre-transposed (:mod:`qdc_export.passes.onnx_weights`); models over 2 GB are written
+with external data. Every file passes onnx.checker's full check.
 
 INT4: the graph's ``qdc::`` ops (:mod:`qdc_export.passes.int4`) are translated to standard opset-21
 blocked DequantizeLinear / QuantizeLinear through ``custom_translation_table``; a post-pass then stores
