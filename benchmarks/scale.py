@@ -131,8 +131,17 @@ def run_one(args: argparse.Namespace) -> dict:
         "parity_passed": result.parity.get("passed") if result.parity else None,
         "parity_summary": result.manifest.get("parity_summary"),
         "build_dir": str(out),
+        "commit": _commit(),
     }
     return report
+
+
+def _commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                            text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return result.stdout.strip() + ("+changes" if dirty else "") if result.returncode == 0 else "unknown"
 
 
 def _watch(proc: subprocess.Popen, cap_gb: float, state: dict) -> None:
@@ -194,9 +203,10 @@ def _write(runs: list[dict]) -> None:
             "method": "per-stage VmHWM, reset at every stage start via /proc/self/clear_refs; one fresh "
                       "process per model; peak includes what earlier stages left resident"}
     (RESULTS / "scale.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
-    lines = ["# Full-size builds: wall time and peak RSS per stage", "", meta["machine"] + ".", meta["method"] + ".", ""]
+    lines = ["# Full-size builds: wall time and peak RSS per stage", "", meta["machine"] + ".", meta["method"] + ".", "",
+             *_summary(runs), "", "## Every run (oldest first)", ""]
     for run in runs:
-        title = f"## {run['model']} {run['precision']}" + (f" ({run['label']})" if run.get("label") else "")
+        title = f"### {run['model']} {run['precision']}" + (f" ({run['label']})" if run.get("label") else "")
         if "failed" in run:
             lines += [title, "", f"FAILED: {run['failed']} (watchdog max RSS {run.get('watchdog_max_rss_gb')} GB)", ""]
             if run.get("stages"):
@@ -209,6 +219,24 @@ def _write(runs: list[dict]) -> None:
         lines += [title, "", summary, "", *([run["note"], ""] if run.get("note") else []),
                   *_stage_table(run["stages"]), ""]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+def _summary(runs: list[dict]) -> list[str]:
+    """The newest finished run of each model, precision and latent size (later entries are newer)."""
+    latest: dict[tuple, dict] = {}
+    for run in runs:
+        if "failed" not in run:
+            latest[(run["model"], run["precision"], run["sample_size"])] = run
+    rows = ["## Newest run of each model and precision", "",
+            "| model | precision | latent | params | total wall s | peak RSS GB | peak stage | parity | from |",
+            "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for (model, precision, size), run in sorted(latest.items()):
+        stage = max(run["stages"], key=lambda name: run["stages"][name]["peak_rss_gb"])
+        rows.append(f"| {model} | {precision} | {size}{' (reduced)' if run['sample_size_reduced'] else ''} | "
+                    f"{run['params'] / 1e9:.2f} B | {run['total_wall_s']} | {run['peak_rss_gb']} | {stage} | "
+                    f"{'PASS' if run['parity_passed'] else 'FAIL'} | {run.get('label', '')} |")
+    return rows + ["", "latent: the UNet's sample_size. SDXL's published config has 128 (1024 px images); runs marked "
+                       "reduced use 64 (512 px): the same architecture and weights, 4x fewer activation pixels."]
 
 
 def _stage_table(stages: dict[str, dict[str, float]]) -> list[str]:
