@@ -183,14 +183,15 @@ def test_cleanup_spares_running_builds_and_restores_a_stranded_previous_build(tm
 # --- full size (slow) ----------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["w8a8", "w4a16"])
 @pytest.mark.parametrize("model,extra", [("sd15", []), ("sdxl", ["--sample-size", "64"])], ids=["sd15", "sdxl"])
-def test_full_size_w8a8_build_stays_under_the_memory_budget(tmp_path, model, extra):
+def test_full_size_build_stays_under_the_memory_budget(tmp_path, model, extra, precision):
     """SD 1.5 / SDXL UNet architectures (random weights) through the whole build, 1 sample x 2 steps, in a
     fresh process (benchmarks/scale.py run): parity passes and the peak RSS of every stage stays < 22 GB."""
     report = tmp_path / "report.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
-    subprocess.run([sys.executable, str(script), "run", "--model", model, "--precision", "w8a8", "--json", str(report),
-                    "--out", str(tmp_path), *extra], check=True)
+    subprocess.run([sys.executable, str(script), "run", "--model", model, "--precision", precision,
+                    "--json", str(report), "--out", str(tmp_path), *extra], check=True)
     result = json.loads(report.read_text())
     assert result["parity_passed"], result["parity_summary"]
     assert result["peak_rss_gb"] < 22, {k: v["peak_rss_gb"] for k, v in result["stages"].items()}
