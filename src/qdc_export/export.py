@@ -74,6 +74,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
         proto, _ = pack_int4_initializers(program.model_proto)
         onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_THRESHOLD,
                   location=path.name + ".data")
+        del proto  # holds the packed weights when they are embedded; freed before the heap is trimmed below
     else:
         program.save(str(path), external_data=size > EXTERNAL_DATA_THRESHOLD)
     release_exporter_tensors(program)
