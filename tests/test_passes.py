@@ -132,4 +132,6 @@ def test_sink_weight_computations_puts_each_weight_op_next_to_its_user_and_keeps
                    for b in between), (node.name, [b.name for b in between])
         assert len(between) <= 8, (node.name, [b.name for b in between])
     assert sink_weight_computations(gm).modified is False  # idempotent
-    assert result.details["moved"] >= 0
+    # PT2E puts every weight dequantization at the top of the graph; the INT4 pass already inserts its own
+    # right before the layer, so there is nothing to move
+    assert result.modified == (precision == "w8a8") == (result.details["moved"] > 0), result.details
