@@ -54,6 +54,33 @@ def test_fold_removes_transpose_and_keeps_outputs(per_channel):
     np.testing.assert_array_equal(after[0], before[0])
 
 
+def test_fold_transposes_a_blocked_int4_scale_with_its_weight():
+    # W [O=6, K=8] in blocks of 4 along K (axis 1): scale [6, 2]; after the fold W^T [8, 6], scale [2, 6], axis 0
+    rng = np.random.default_rng(3)
+    w = rng.integers(-8, 8, size=(6, 8), dtype=np.int8)
+    scale = (rng.random((6, 2)) * 0.1 + 0.01).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=1, block_size=4),
+         helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "w_t"], ["y"])],
+        "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        initializer=[numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(scale, "w_scale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32)
+    before = _run(model, x)
+    ir_model = ir.from_proto(model)
+    assert fold_weight_transposes(ir_model) == 1
+    folded = ir.to_proto(ir_model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "MatMul"]
+    dims = {i.name: list(i.dims) for i in folded.graph.initializer}
+    assert dims == {"w_q": [8, 6], "w_scale": [2, 6]}
+    attrs = {a.name: helper.get_attribute_value(a) for a in folded.graph.node[0].attribute}
+    assert attrs == {"axis": 0, "block_size": 4}
+    np.testing.assert_array_equal(_run(folded, x)[0], before[0])
+
+
 def test_fold_leaves_shared_weights_alone():
     ir_model = ir.from_proto(_linear_model(True, weight_readers=2))
     assert fold_weight_transposes(ir_model) == 0

@@ -10,9 +10,10 @@ never worse than plain max scaling on that objective).
 In the graph a quantized weight is ``qdc::dequantize_blockwise(q_int8, scale, block_size)`` (+ a
 reshape back to 4-D for Conv), a custom torch.library op. :data:`ONNX_TRANSLATIONS` maps it through
 ``torch.onnx.export(custom_translation_table=...)`` to a standard opset-21 ``DequantizeLinear(axis=1,
-block_size)``; :func:`pack_int4_initializers` then stores those INT8 initializers as packed INT4 and
-folds the ``Transpose`` that the exporter puts between DQ and MatMul for Linear (axis 1 -> 0, exact),
-so ONNX Runtime fuses DQ -> MatMul into MatMulNBits. The final ONNX has no custom-domain ops.
+block_size)``; :func:`qdc_export.passes.onnx_weights.fold_weight_transposes` folds the ``Transpose``
+that the exporter puts between DQ and MatMul for Linear (axis 1 -> 0, exact), so ONNX Runtime fuses
+DQ -> MatMul into MatMulNBits, and :func:`pack_int4_initializers` stores those INT8 initializers as
+packed INT4. The final ONNX has no custom-domain ops.
 
 Measured with onnxruntime 1.32 CPU (docs in the module tests and benchmarks/results/int4.md): blocked
 INT4 DequantizeLinear runs on 2-D weights with a ragged last block and on 4-D weights; an INT4
@@ -34,7 +35,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 import torch.fx
@@ -367,7 +367,7 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
 
 
 # --------------------------------------------------------------------------------------------------
-# ONNX post-pass: true INT4 initializers, Transpose folding
+# ONNX post-pass: true INT4 initializers
 # --------------------------------------------------------------------------------------------------
 
 
@@ -378,18 +378,11 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
 def pack_int4_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """In place on ``model``. For every blocked DequantizeLinear reading an INT8 initializer whose values
-    all lie in -8..7: fold a following 2-D Transpose(perm=[1, 0]) into the weight (axis 1 -> 0), then
-    store the initializer as packed INT4. Returns the model and counts (``modified`` = any count > 0)."""
+    """In place on ``model``. Stores every INT8 initializer read only by a blocked DequantizeLinear, whose
+    values all lie in -8..7, as packed INT4 (the Linear Transpose is already folded into it by
+    :func:`qdc_export.passes.onnx_weights.fold_weight_transposes`). Returns the model and the count
+    (``modified`` = count > 0)."""
     import ml_dtypes
 
     graph = model.graph
@@ -398,9 +391,7 @@ def pack_int4_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    packed = folded = 0
-    remove: list[onnx.NodeProto] = []
+    packed = 0
     touched: set[str] = set()
     for node in list(graph.node):
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or not _attr(node, "block_size", 0):
@@ -414,36 +405,15 @@ def pack_int4_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
         values = numpy_helper.to_array(init)
         if values.min() < QMIN or values.max() > QMAX:
             continue
-        scale = numpy_helper.to_array(scale_init)
-        users = consumers.get(node.output[0], [])
-        if (values.ndim == 2 and int(_attr(node, "axis", 1)) == 1 and len(users) == 1
-                and users[0].op_type == "Transpose" and list(_attr(users[0], "perm", [1, 0])) == [1, 0]
-                and node.output[0] not in outputs):
-            transpose = users[0]
-            values, scale = values.T.copy(), scale.T.copy()
-            _set_attr(node, "axis", 0)
-            for consumer in consumers.get(transpose.output[0], []):
-                for k, name in enumerate(consumer.input):
-                    if name == transpose.output[0]:
-                        consumer.input[k] = node.output[0]
-            for k, out in enumerate(graph.output):
-                if out.name == transpose.output[0]:
-                    node.output[0] = out.name
-            remove.append(transpose)
-            touched.update({node.output[0], transpose.output[0], scale_name})
-            scale_init.CopyFrom(numpy_helper.from_array(scale.astype(np.float32), scale_name))
-            folded += 1
         init.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.int4), data))
         touched.add(data)
         packed += 1
-    for node in remove:
-        graph.node.remove(node)
-    # value_info entries of removed/retyped tensors may now be stale
+    # value_info entries of retyped tensors may now be stale
     if packed:
         kept = [vi for vi in graph.value_info if vi.name not in touched]
         del graph.value_info[:]
         graph.value_info.extend(kept)
-    return model, {"int4_initializers": packed, "transposes_folded": folded}
+    return model, {"int4_initializers": packed}
 
 
 def int4_buffer_names(gm: torch.nn.Module) -> set[str]:

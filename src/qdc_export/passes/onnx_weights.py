@@ -1,12 +1,14 @@
-"""ONNX post-pass on the exporter's model (onnx_ir): store INT8 Linear weights pre-transposed.
+"""ONNX post-pass on the exporter's model (onnx_ir): store quantized Linear weights pre-transposed.
 
 The exporter writes ``Linear(x, W)`` with a quantized weight as
-``DequantizeLinear(W_q [O, K], axis=0) -> Transpose(perm=[1, 0]) -> MatMul``. The Transpose between the
-DequantizeLinear and the MatMul breaks the DQ -> MatMul unit that runtimes fuse into an integer kernel, so
-ONNX Runtime constant-folds DQ -> Transpose into an FP32 weight instead: on a w8a8 SDXL UNet (2.7 GB of
-INT8 weights) session creation peaked at +19 GB and kept +8.6 GB (benchmarks/ort_session_memory.py).
-Storing ``W_q^T [K, O]`` with ``axis=1`` (the scale and zero point are unchanged) removes the Transpose;
-the graph computes the same values.
+``DequantizeLinear(W_q [O, K]) -> Transpose(perm=[1, 0]) -> MatMul``. The Transpose between the
+DequantizeLinear and the MatMul breaks the DQ -> MatMul unit that runtimes fuse into an integer kernel
+(INT4: ``MatMulNBits``), so ONNX Runtime constant-folds DQ -> Transpose into an FP32 weight instead: on a
+w8a8 SDXL UNet (2.7 GB of INT8 weights) session creation peaked at +19 GB and kept +8.6 GB
+(benchmarks/ort_session_memory.py). Storing ``W_q^T [K, O]`` removes the Transpose; the graph computes
+the same values. Per-channel / per-tensor INT8: the scale and zero point are unchanged and the axis
+swaps. Blocked INT4 (blocks along K, ``axis=1``, scale [O, K / block]): the scale is transposed too and
+the blocks run along axis 0.
 """
 
 from __future__ import annotations
@@ -25,22 +27,45 @@ def _is_swap_transpose(node: ir.Node) -> bool:
             and perm is not None and list(perm.as_ints()) == [1, 0])
 
 
+def _is_private_2d_constant(value: ir.Value | None) -> bool:
+    return (value is not None and value.is_initializer() and value.const_value is not None
+            and len(value.const_value.shape) == 2 and len(value.uses()) == 1)
+
+
+def _axis(node: ir.Node) -> int:
+    axis = node.attributes.get("axis")
+    return axis.as_int() if axis is not None else 1
+
+
+def _is_blocked(node: ir.Node) -> bool:
+    block = node.attributes.get("block_size")
+    return block is not None and block.as_int() != 0
+
+
 def _foldable_dequantize(node: ir.Node | None) -> bool:
-    """A non-blocked DequantizeLinear of a 2-D initializer that nothing else reads."""
+    """A DequantizeLinear of a 2-D initializer that nothing else reads; blocked ones need their blocks
+    along axis 1 and a 2-D scale (no zero point) that nothing else reads."""
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
         return False
-    block = node.attributes.get("block_size")
-    if block is not None and block.as_int() != 0:
-        return False  # blocked (INT4) weights: passes.int4.pack_int4_initializers folds those
-    weight, output = node.inputs[0], node.outputs[0]
-    return (weight is not None and weight.is_initializer() and weight.const_value is not None
-            and len(weight.const_value.shape) == 2 and len(weight.uses()) == 1
-            and len(output.uses()) == 1 and not output.is_graph_output())
+    output = node.outputs[0]
+    if not _is_private_2d_constant(node.inputs[0]) or len(output.uses()) != 1 or output.is_graph_output():
+        return False
+    if _is_blocked(node):
+        return _axis(node) in (1, -1) and len(node.inputs) == 2 and _is_private_2d_constant(node.inputs[1])
+    return True
+
+
+def _transpose_constant(value: ir.Value) -> None:
+    assert value.const_value is not None
+    transposed = np.ascontiguousarray(value.const_value.numpy().T)
+    value.const_value = ir.Tensor(transposed, name=value.name)
+    value.shape = ir.Shape(transposed.shape)
 
 
 def fold_weight_transposes(model: ir.Model) -> int:
     """In place: every ``DequantizeLinear(W 2-D initializer) -> Transpose(perm=[1, 0])`` becomes
-    ``DequantizeLinear(W^T)`` with the quantization axis swapped. Returns how many were folded."""
+    ``DequantizeLinear(W^T)`` with the quantization axis swapped (and a blocked scale transposed).
+    Returns how many were folded."""
     graph = model.graph
     folded = 0
     for transpose in list(graph):
@@ -49,18 +74,15 @@ def fold_weight_transposes(model: ir.Model) -> int:
         dequantize = transpose.inputs[0].producer() if transpose.inputs[0] is not None else None
         if not _foldable_dequantize(dequantize):
             continue
-        assert dequantize is not None
-        weight = dequantize.inputs[0]
-        assert weight is not None and weight.const_value is not None
+        assert dequantize is not None and dequantize.inputs[0] is not None
+        _transpose_constant(dequantize.inputs[0])
         scale = dequantize.inputs[1]
-        per_axis = scale is not None and scale.shape is not None and len(scale.shape) == 1
-        transposed = np.ascontiguousarray(weight.const_value.numpy().T)
-        weight.const_value = ir.Tensor(transposed, name=weight.name)
-        weight.shape = ir.Shape(transposed.shape)
-        if per_axis:  # axis 0 (output channels) of W is axis 1 of W^T, and the other way round
-            axis = dequantize.attributes.get("axis")
-            old = axis.as_int() if axis is not None else 1
-            dequantize.attributes["axis"] = ir.AttrInt64("axis", 1 if old in (0, -2) else 0)
+        if _is_blocked(dequantize):
+            assert scale is not None
+            _transpose_constant(scale)
+        per_axis = scale is not None and scale.shape is not None and len(scale.shape) >= 1
+        if per_axis:  # axis 0 of W is axis 1 of W^T, and the other way round
+            dequantize.attributes["axis"] = ir.AttrInt64("axis", 1 if _axis(dequantize) in (0, -2) else 0)
         dequantize.outputs[0].shape = transpose.outputs[0].shape
         transpose.outputs[0].replace_all_uses_with(dequantize.outputs[0])
         graph.remove(transpose, safe=True)
