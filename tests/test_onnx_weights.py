@@ -35,16 +35,22 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return create_session(model, optimization="disable").run(None, {"x": x})
 
 
-@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
-def test_fold_removes_transpose_and_keeps_outputs(per_channel):
-    model = _linear_model(per_channel)
-    x = np.random.default_rng(1).standard_normal((2, 3, 5)).astype(np.float32)
-    before = _run(model, x)
+def _folded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model after the pass, which must fold its one Transpose and leave a valid DQ -> MatMul."""
     ir_model = ir.from_proto(model)
     assert fold_weight_transposes(ir_model) == 1
     folded = ir.to_proto(ir_model)
     onnx.checker.check_model(folded, full_check=True)
     assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "MatMul"]
+    return folded
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_fold_removes_transpose_and_keeps_outputs(per_channel):
+    model = _linear_model(per_channel)
+    x = np.random.default_rng(1).standard_normal((2, 3, 5)).astype(np.float32)
+    before = _run(model, x)
+    folded = _folded(model)
     weight = next(i for i in folded.graph.initializer if i.name == "w_q")
     assert list(weight.dims) == [5, 6]
     if per_channel:
@@ -69,11 +75,7 @@ def test_fold_transposes_a_blocked_int4_scale_with_its_weight():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32)
     before = _run(model, x)
-    ir_model = ir.from_proto(model)
-    assert fold_weight_transposes(ir_model) == 1
-    folded = ir.to_proto(ir_model)
-    onnx.checker.check_model(folded, full_check=True)
-    assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "MatMul"]
+    folded = _folded(model)
     dims = {i.name: list(i.dims) for i in folded.graph.initializer}
     assert dims == {"w_q": [8, 6], "w_scale": [2, 6]}
     attrs = {a.name: helper.get_attribute_value(a) for a in folded.graph.node[0].attribute}
