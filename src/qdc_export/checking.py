@@ -12,6 +12,7 @@ import torch
 from .check import ParityCase, ParityTolerances, run_parity
 from .engines.providers import create_session
 from .errors import UserError
+from .head_parity import check_head
 from .goldens import backend_runner, compare_against, save_goldens
 from .loading import LoadedModel, load_model
 from .memory import log_resident, release_memory
@@ -105,10 +106,14 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
         latent_shape=tuple(manifest["io"]["inputs"][0]["shape"][1:]),
         conditioning=model.conditioning,
         quantized=build["precision"] != "fp32",
-        int4_activations=build["precision"] == "w4a4",
     )
     seeds = seeds or [PARITY_SEED_OFFSET + i for i in range(int(build["parity_samples"]))]
     run = run_parity(case, seeds, tolerances)
+    if manifest.get("compensation", {}).get("folded"):
+        # the head is exact arithmetic: elementwise against the build's tables (a statistical check cannot see it)
+        head = check_head(folder / "model.onnx", folder / "compensation", case.latent_shape, provider=provider)
+        run.report["compensation_head"] = head
+        run.report["passed"] = bool(run.report["passed"] and head["passed"])
     if save_goldens_to is not None:
         save_goldens(Path(save_goldens_to), run.feeds, run.results, precision=build["precision"])
     return run.report

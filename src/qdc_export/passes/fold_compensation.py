@@ -18,6 +18,9 @@ from ..compensation import CompensationTables
 from .base import PassResult, require
 
 _TIMESTEP_INPUT = 1  # engine inputs: sample, timestep, conditioning...
+# The head module's attribute name below: its tables become initializers named "head.scale", "head.bias", ...,
+# which is how the check finds the head in an exported engine (head_parity.py).
+HEAD_PREFIX = "head."
 
 
 class _Compensated(torch.nn.Module):
