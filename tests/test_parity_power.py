@@ -8,10 +8,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from engine_breakers import BREAKERS
 from parity_assertions import assert_statistical_parity
-from qdc_export.check import summarize
+from qdc_export.check import RoundingNoise, summarize
 from qdc_export.checking import check_build
 
 MODEL = "tiny-unet2d"
@@ -41,3 +42,21 @@ def test_broken_engine_fails(honest, breaker, tmp_path):
     what = BREAKERS[breaker](folder)
     report = check_build(folder)
     assert not report["passed"], f"{what}: {summarize(report)}"
+
+
+def test_rounding_noise_flips_only_values_at_a_rounding_boundary():
+    """Under the noise a quantizer sees its input moved by at most the stated ulps: values on a .5 boundary may
+    round the other way (some do, over 4096 draws), values a quarter step from one never change."""
+    import torchao.quantization.pt2e  # noqa: F401  registers quantized_decomposed
+
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    on_boundary = torch.arange(-60, 60, dtype=torch.float32).repeat(64) + 0.5
+    off_boundary = on_boundary - 0.25
+    args = (1.0, 0, -128, 127, torch.int8)
+    with RoundingNoise(seed=0, ulps=4.0):
+        noisy_on, noisy_off = quantize(on_boundary, *args), quantize(off_boundary, *args)
+    clean_on, clean_off = quantize(on_boundary, *args), quantize(off_boundary, *args)
+    flipped = (noisy_on != clean_on)
+    assert torch.equal(noisy_off, clean_off)
+    assert 0 < int(flipped.sum()) < flipped.numel()  # both sides are drawn
+    assert int((noisy_on.int() - clean_on.int()).abs().max()) == 1
