@@ -81,7 +81,12 @@ def _quiet(_: str) -> None:
     pass
 
 
+MAX_EVALUATION_IMAGES = 10_000  # evaluation seeds 0..N-1 stay below the parity seeds (50 000 + i)
+
+
 def evaluation_seeds(num_images: int) -> list[int]:
+    if not 1 <= num_images <= MAX_EVALUATION_IMAGES:
+        raise UserError(f"number of evaluation images must be in 1..{MAX_EVALUATION_IMAGES}, got {num_images}")
     return list(range(num_images))
 
 
