@@ -61,6 +61,8 @@ def test_cli_refuses_too_many_calibration_samples_in_one_line(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert len(lines) == 1 and "--calib-samples must be in 1..1000, got 1001" in lines[0], result.output
     assert not (tmp_path / "b").exists()
+    result = CliRunner().invoke(main, ["check", str(tmp_path), "--seeds", str(MAX_PARITY_SAMPLES + 1)])
+    assert result.exit_code != 0 and "--seeds must be in 1..1000, got 1001" in result.output, result.output
     with pytest.raises(UserError, match="evaluation images must be in"):
         evaluation_seeds(MAX_EVALUATION_IMAGES + 1)
 
