@@ -3,6 +3,7 @@
     python scripts/render_results.py                     # rewrite the generated README blocks and report.html files
     python scripts/render_results.py --check             # exit 1 and list what differs (tests/test_render_results.py)
     python scripts/render_results.py --rebuild-reports   # rebuild docs/reports/* with the current code (slow), render
+    python scripts/render_results.py --from-builds DIR   # the same from builds DIR/NAME made by REPORT_COMMANDS
 
 README blocks sit between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; only their inside is
 rewritten, from benchmarks/results/{fidelity,int4,latency,scale}.json and docs/reports/*/{manifest,parity}.json.
@@ -285,17 +286,22 @@ def check_all() -> list[str]:
     return problems
 
 
+def copy_report_records(build_dir: Path, name: str) -> None:
+    """A build folder's records (not its model files) become the example report ``docs/reports/NAME``."""
+    target = REPORTS / name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for record in REPORT_RECORDS:
+        source = build_dir / record
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target / record)
+
+
 def rebuild_reports(scratch: Path) -> None:
     """Rebuild every example report with the current code and copy its records into docs/reports."""
     for name, command in REPORT_COMMANDS.items():
         out = scratch / name
         subprocess.run([*command.split(), "--out", str(out), "--force"], cwd=ROOT, check=True)
-        target = REPORTS / name
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        for record in REPORT_RECORDS:
-            source = out / record
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target / record)
+        copy_report_records(out, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild docs/reports/* with the current code first (about 10 min per report)")
     parser.add_argument("--scratch", type=Path, default=ROOT / "build" / "reports",
                         help="where --rebuild-reports builds (the folders are kept)")
+    parser.add_argument("--from-builds", type=Path, default=None, metavar="DIR",
+                        help="take the example reports from DIR/NAME, builds made by the REPORT_COMMANDS")
     args = parser.parse_args(argv)
     if args.check:
         problems = check_all()
@@ -313,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     if args.rebuild_reports:
         rebuild_reports(args.scratch)
+    elif args.from_builds is not None:
+        for name in REPORT_COMMANDS:
+            copy_report_records(args.from_builds / name, name)
     README.write_text(render_readme(README.read_text()))
     for folder in sorted(p for p in REPORTS.iterdir() if p.is_dir()):
         (folder / "report.html").write_text(render_report(folder))
