@@ -106,6 +106,64 @@ def block_fidelity_headline() -> str:
     return "\n".join(lines)
 
 
+def block_table_findings() -> str:
+    """The bullets under the headline table: every number from fidelity.json rows."""
+    rows = _fidelity_rows()
+
+    def gain(model: str, precision: str, method: str, sampler: str = "ddim20") -> float:
+        return _paired_gain(rows[(model, precision, sampler, method)], rows[(model, precision, sampler, "none")])[0]
+
+    def reduction(model: str, precision: str, sampler: str) -> float:
+        """% of the final latent error that TCEC m=0 + bias removes."""
+        comp, none = rows[(model, precision, sampler, HEADLINE_METHOD)], rows[(model, precision, sampler, "none")]
+        return 100 * (1 - comp["final_latent_rel_error"] / none["final_latent_rel_error"])
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.0f}-{max(values):.0f} %"
+
+    models = ("digits-uncond", "digits-cond")
+    at20 = [reduction(m, p, "ddim20") for m in models for p in ("w4a16", "w4a8")]
+    at50 = [reduction(m, "w4a8", "ddim50") for m in models]
+    others = [reduction(m, "w4a8", s) for m in models for s in ("euler30", "dpmsolver++20")]
+    m1 = [gain(m, "w4a8", v) - gain(m, "w4a8", "tcec-m0") for m in models
+          for v in ("tcec-m1-analytic", "tcec-m1-fitted")]
+    hurt = ("digits-cond", "w4a4")
+    k = rows[(*hurt, "ddim20", "tcec-m0")]["tables"]["max_abs_K"]
+    return "\n".join([
+        "- Error accumulates over steps (W4A8 is worse at 50 steps than at 20) and the compensation gains grow",
+        f"  with it: with RTN 4-bit weights (W4A16, W4A8) it removes {span(at20)} of the final latent error at "
+        f"DDIM 20 and {span(at50)}",
+        f"  at DDIM 50 (W4A8; {span(others)} for the other samplers).",
+        "- The per-channel *bias* does the work. The paper's per-channel scale K alone (TCEC m=0) gives",
+        f"  {gain('digits-uncond', 'w4a8', 'tcec-m0'):+.2f} dB (W4A8 uncond) / "
+        f"{gain('digits-cond', 'w4a8', 'tcec-m0'):+.2f} dB (W4A8 cond); m=1 analytic and fitted are within "
+        f"+-{max(abs(v) for v in m1):.2f} dB of m=0;",
+        "  PTQD, which also fits a bias, equals TCEC m=0 + bias (W4A8: "
+        f"{gain('digits-uncond', 'w4a8', 'ptqd'):+.2f} vs {gain('digits-uncond', 'w4a8', HEADLINE_METHOD):+.2f} "
+        f"uncond, {gain('digits-cond', 'w4a8', 'ptqd'):+.2f} vs {gain('digits-cond', 'w4a8', HEADLINE_METHOD):+.2f}"
+        " cond).",
+        "- Compensation can hurt. On plain W4A4 digits-cond (the noisiest engine) the paper's K, a regression of",
+        f"  the error on the noisy output eps~, shrinks eps~ instead of correcting it (max |1 - K| = {k:.2f}): TCEC",
+        f"  m=0 costs {-gain(*hurt, 'tcec-m0'):.1f} dB, m=0 + bias {-gain(*hurt, HEADLINE_METHOD):.1f} dB. "
+        "Estimators that do not regress on eps~ do not: PTQD (slope on the",
+        f"  FP output) {gain(*hurt, 'ptqd'):+.2f} dB, the m=1 fit along the compensated trajectory (cumulative "
+        f"target) {gain(*hurt, 'tcec-m1-fitted-cumulative'):+.2f} dB.",
+    ])
+
+
+def block_svdquant() -> str:
+    rows = _fidelity_rows()
+
+    def lift(model: str, precision: str) -> float:
+        return (rows[(model, f"{precision}+svdquant", "ddim20", "none")]["psnr_db"]["mean"]
+                - rows[(model, precision, "ddim20", "none")]["psnr_db"]["mean"])
+
+    return (f"- SVDQuant beats plain W4A4 by {lift('digits-cond', 'w4a4'):.1f} dB (digits-cond) and "
+            f"{lift('digits-uncond', 'w4a4'):.1f} dB (digits-uncond); W4A8 + SVDQuant by\n"
+            f"  {lift('digits-cond', 'w4a8'):.1f} / {lift('digits-uncond', 'w4a8'):.1f} dB over plain W4A8 "
+            "(no compensation, DDIM 20).")
+
+
 def block_held_out() -> str:
     """What the build's held-out check did on the W4A4 rows (`tcec-default`), from the rows alone."""
     rows = _fidelity_rows()
@@ -213,7 +271,9 @@ def block_scale() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "main-build-time": block_main_build_time,
     "fidelity-headline": block_fidelity_headline,
+    "table-findings": block_table_findings,
     "held-out": block_held_out,
+    "svdquant": block_svdquant,
     "int4": block_int4,
     "latency": block_latency,
     "parity": block_parity,
