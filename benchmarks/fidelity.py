@@ -323,8 +323,7 @@ def merge_results(out: Path, sources: list[Path]) -> None:
     for source in sources:
         extra = json.loads((source / "fidelity.json").read_text())
         rows = merge(rows, [r for r in extra["rows"] if r.get("num_images") == payload["meta"]["num_images"]])
-        command = extra["meta"]["command"].split(" --out")[0]
-        commands += [] if command in commands else [command]
+        commands += [c for c in extra["meta"]["command"].split("; ") if c not in commands]  # full commands
     payload["meta"]["command"] = "; ".join(commands)
     write_all(rows, out, payload["meta"])
     print(f"{len(rows)} rows in {out / 'fidelity.json'}")
@@ -358,13 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     from qdc_export.fidelity import Case, evaluate_case
     from qdc_export.loading import load_model
 
+    from qdc_export.provenance import run_provenance
+
     models, precisions = _csv(args.models), _csv(args.precisions)
     methods, samplers = _csv(args.methods), _csv(args.samplers)
-    command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # every row carries its run: full command (all arguments), threads, git commit, code version, packages
+    run = run_provenance("python benchmarks/fidelity.py", sys.argv[1:] if argv is None else list(argv))
     meta = {
         "num_images": args.num_images,
         "calib_samples": args.calib_samples,
-        "command": command.strip(),
+        "command": run["command"],
         "torch_threads": args.threads,
         "torch": torch.__version__,
     }
@@ -402,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     continue
-                rows = merge(rows, new)
+                rows = merge(rows, [{**row, "run": run} for row in new])
                 meta["wall_s"] = round(time.perf_counter() - start, 1)
                 write_all(rows, args.out, meta)
     print(

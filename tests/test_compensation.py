@@ -355,15 +355,32 @@ def test_scaled_plus_offset_model_is_compensated(method, opts, per_channel, fp_d
         assert abs(fit_final - after) <= 1e-6 * max(after, 1e-3)
 
 
+def _ddim_rho_by_hand(n_steps: int) -> np.ndarray:
+    """rho_n = A_n B_{n+1} / B_n for diffusers' default DDIM (linear betas 1e-4..0.02 over 1000 steps, eta 0,
+    epsilon prediction, "leading" spacing, alpha-bar 1 after the last step), written out from the DDIM update
+    x_prev = sqrt(ab_prev) (x - sqrt(1 - ab) eps) / sqrt(ab) + sqrt(1 - ab_prev) eps, independently of
+    qdc_export.compensation.coefficients. alpha-bar is a float32 cumprod, as diffusers keeps it."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32)
+    abar = torch.cumprod(1.0 - betas, dim=0).double().numpy()
+    ts = np.arange(n_steps)[::-1] * (1000 // n_steps)  # 875, 750, ..., 0
+    ab = abar[ts]
+    ab_prev = np.array([abar[t - 1000 // n_steps] if t - 1000 // n_steps >= 0 else 1.0 for t in ts])
+    A = np.sqrt(ab_prev / ab)
+    B = np.sqrt(1 - ab_prev) - np.sqrt(ab_prev) * np.sqrt(1 - ab) / np.sqrt(ab)
+    return A[1:] * B[:-1] / B[1:]
+
+
 def test_m1_analytic_prev_is_rho_times_previous_K(fp_denoiser, ddim, latents):
     k = torch.tensor([0.05, -0.08, 0.12, 0.03])
     tab = fit_tables("tcec-m1-analytic", lambda x, t: (1 + k.view(1, C, 1, 1)) * fp_denoiser(x, t), fp_denoiser,
                      ddim, N_STEPS, latents)
-    c = sampler_coefficients(ddim, N_STEPS)
     K = 1 - tab.scale[:N_STEPS].astype(np.float64)
-    rho = c.A[1:] * c.B[:-1] / c.B[1:]
+    rho = _ddim_rho_by_hand(N_STEPS)
+    assert torch.equal(torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000), 0), ddim.alphas_cumprod)
+    assert np.all(np.abs(rho - 1) > 1e-3), rho  # rho = 1 would hide a missing factor
     err = np.abs(tab.prev[1:N_STEPS] - rho[:, None] * K[:-1]).max() / np.abs(tab.prev).max()
-    print(f"m1-analytic: max rel |prev - rho K_prev| = {err:.1e} (float32 tables)")
+    print(f"m1-analytic: rho (by hand) {np.round(rho, 4)}; max rel |prev - rho K_prev| = {err:.1e} (float32 tables, "
+          f"tolerance 1e-5)")
     assert np.all(tab.prev[0] == 0) and err < 1e-5 and tab.uses_state
 
 

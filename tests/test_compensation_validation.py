@@ -10,14 +10,18 @@ import numpy as np
 import torch
 
 from qdc_export.capture import capture
+from qdc_export.checking import load_reference
 from qdc_export.compensate import validate_compensation
 from qdc_export.compensation import CompensationTables
 from qdc_export.config import BuildConfig
 from qdc_export.loading import load_model
+from qdc_export.metrics import psnr
 from qdc_export.passes.fold_compensation import fold_compensation
-from qdc_export.sampling import make_scheduler, schedule_timesteps
+from qdc_export.sampling import (TorchDenoiser, initial_latents, latents_to_images, make_scheduler, run_sampler,
+                                 schedule_timesteps)
 
 CONFIG = BuildConfig(precision="w8a8", compensation="tcec", steps=4, calib_samples=2)
+HELD_OUT_ATOL_DB = 1e-4  # the saved and reloaded graph against the in-memory one: same kernels, same order
 
 
 class ScaledOutput(torch.nn.Module):
@@ -53,16 +57,46 @@ def test_validation_accepts_tables_that_restore_fp_and_rejects_tables_that_hurt(
     assert bad["seeds"] == good["seeds"] and len(bad["seeds"]) == CONFIG.calib_samples
 
 
+def _held_out_psnr_of_reference(out, model, config: BuildConfig, seeds: list[int], stateful: bool) -> float:
+    """Mean final-image PSNR vs FP of the build's shipped PyTorch graph (reference.pt2) on ``seeds``."""
+    names = [spec.name for spec in model.conditioning.specs]
+    cond, uncond = model.conditioning.for_samples(seeds)
+    scheduler = make_scheduler(config.scheduler, model.scheduler_config)
+    latents = initial_latents(model.adapter.input_specs(model.unet)[0].concrete(1)[1:], seeds)
+
+    def images(denoiser: TorchDenoiser) -> torch.Tensor:
+        final = run_sampler(denoiser, scheduler, config.steps, latents, cond, uncond,
+                            model.conditioning.guidance_scale, record=False).final
+        return latents_to_images(final)
+
+    fp = images(TorchDenoiser(model.adapter.wrap(model.unet).eval(), names))
+    shipped = images(TorchDenoiser(load_reference(out / "reference.pt2"), names, stateful=stateful))
+    return float(psnr(fp, shipped).clamp(max=100.0).mean())
+
+
 def test_build_records_the_held_out_check_and_folds_only_accepted_tables(build_factory):
+    """The recorded held-out numbers are recomputed from what the build shipped: the reference graph on the recorded
+    seeds must score the "with tables" number when the tables were folded and the "without" number when they
+    were rejected (a build that folded rejected tables, or recorded the numbers the wrong way round, fails)."""
     result = build_factory("tiny-unet2d", "w8a8", compensation="tcec", tcec_variant="m0", write_report=True)
     compensation = result.manifest["compensation"]
     validation = compensation["validation"]
-    assert validation["accepted"] == (validation["psnr_with_db"] > validation["psnr_without_db"]), validation
     inputs = [i["name"] for i in result.manifest["io"]["inputs"]]
-    if validation["accepted"]:
-        assert compensation["folded"] and (result.out / "compensation").is_dir()
+    folded = bool(compensation.get("folded"))
+    config = BuildConfig.from_dict(result.manifest["build"])
+    recomputed = _held_out_psnr_of_reference(result.out, load_model("tiny-unet2d"), config, validation["seeds"],
+                                             stateful="comp_state" in inputs)
+    shipped, other = ((validation["psnr_with_db"], validation["psnr_without_db"]) if folded
+                      else (validation["psnr_without_db"], validation["psnr_with_db"]))
+    print(f"held-out PSNR of reference.pt2 {recomputed:.6f} dB; recorded: shipped {shipped:.6f}, other {other:.6f} "
+          f"(folded={folded}, tolerance {HELD_OUT_ATOL_DB} dB)")
+    assert abs(other - shipped) > 10 * HELD_OUT_ATOL_DB  # the two outcomes are distinguishable here
+    assert abs(recomputed - shipped) <= HELD_OUT_ATOL_DB
+    assert folded == bool(validation["accepted"])
+    if folded:
+        assert (result.out / "compensation").is_dir()
     else:  # the engine is the plain quantized one, and the build says so
-        assert compensation["rejected"] and not compensation["folded"]
+        assert compensation["rejected"]
         assert not (result.out / "compensation").exists() and "comp_state" not in inputs
         summary = json.loads((result.out / "report" / "report.json").read_text())
         assert summary["compensation_rejected"] == validation and summary["method"] == "none"

@@ -1,11 +1,16 @@
-"""The fidelity library on a tiny preset (4 images, 4 steps): FP against itself is exact, the deployed W8A8
-engine is finite and below it, and the latent error curve has steps + 1 points starting at 0."""
+"""The fidelity library on a tiny preset (4 images, 4 steps): FP against itself is exact, and a row's numbers
+(per-image PSNR, its mean/min/max, the latent error curve) equal the same quantities recomputed here from the
+row's own ONNX engine with a sampler loop, ONNX Runtime session and PSNR written out in the test."""
 
 from __future__ import annotations
 
 import math
 
+import diffusers
+import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
 
 from qdc_export.config import BuildConfig
 from qdc_export.fidelity import Case, compare, evaluate_case, fp_latents, method_config
@@ -25,7 +30,31 @@ def test_fp_against_itself_is_exact(tmp_path):
     assert scores["latent_rel_error"] == [0.0] * (STEPS + 1)
 
 
-def test_w8a8_engine_row(tmp_path):
+PSNR_ATOL_DB = 1e-6  # the same float32 trajectories; only summation order differs
+
+
+def _trajectory_by_hand(step, model, steps: int, seeds: list[int]) -> np.ndarray:
+    """DDIM (diffusers' own scheduler, no qdc_export sampling code) from per-seed unit noise; every latent."""
+    scheduler = diffusers.DDIMScheduler.from_config(model.scheduler_config, clip_sample=False, thresholding=False)
+    scheduler.set_timesteps(steps)
+    shape = tuple(model.unet.config.in_channels if i == 0 else model.unet.config.sample_size for i in range(3))
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = x * float(scheduler.init_noise_sigma)
+    latents = [x]
+    for t in scheduler.timesteps:
+        eps = step(x, torch.full((x.shape[0],), float(t), dtype=torch.float32))
+        x = scheduler.step(eps, t, x, return_dict=False)[0]
+        latents.append(x)
+    return torch.stack(latents).double().numpy()
+
+
+def _psnr_by_hand(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    ref, act = (np.clip(reference, -1, 1) + 1) / 2, (np.clip(actual, -1, 1) + 1) / 2
+    mse = ((ref - act) ** 2).reshape(len(ref), -1).mean(axis=1)
+    return 10 * np.log10(1.0 / mse)
+
+
+def test_w8a8_engine_row_matches_an_independent_recomputation(tmp_path):
     rows = evaluate_case(
         Case("tiny-unet2d", "w8a8", "ddim", STEPS),
         ["none", "tcec-m0"],
@@ -34,16 +63,36 @@ def test_w8a8_engine_row(tmp_path):
         base_config=BuildConfig(calib_samples=2),
     )
     assert [r["method"] for r in rows] == ["none", "tcec-m0"]
+    model = load_model("tiny-unet2d")
+    seeds = list(range(NUM))
+
+    def fp_step(x, t):
+        with torch.no_grad():
+            return model.unet(x, t).sample
+
+    fp = _trajectory_by_hand(fp_step, model, STEPS, seeds)
     for row in rows:
-        p, s = row["psnr_db"], row["ssim"]
-        assert math.isfinite(p["mean"]) and p["max"] < math.inf  # below FP-vs-FP (inf)
-        assert math.isfinite(p["mean"]) and math.isfinite(p["min"]) and p["min"] <= p["mean"] <= p["max"]
-        assert 0 < s["mean"] < 1
-        curve = row["latent_rel_error"]
-        assert len(curve) == STEPS + 1 and curve[0] == 0.0 and curve[-1] > 0
-        assert curve[-1] == row["final_latent_rel_error"]
-        assert len(row["psnr_per_image"]) == NUM
+        session = ort.InferenceSession(f"{row['engine']}/model.onnx", providers=["CPUExecutionProvider"])
+
+        def engine_step(x, t, session=session):
+            return torch.from_numpy(session.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0])
+
+        engine = _trajectory_by_hand(engine_step, model, STEPS, seeds)
+        expected = _psnr_by_hand(fp[-1], engine[-1])
+        diff = np.abs(np.asarray(row["psnr_per_image"]) - expected)
+        print(f"{row['method']}: PSNR per image {np.round(expected, 3)}; |row - by hand| max {diff.max():.2e} "
+              f"mean {diff.mean():.2e} dB (tolerance {PSNR_ATOL_DB})")
+        assert diff.max() <= PSNR_ATOL_DB
+        p = row["psnr_db"]
+        assert p["mean"] == pytest.approx(expected.mean(), abs=PSNR_ATOL_DB)
+        assert (p["min"], p["max"]) == pytest.approx((expected.min(), expected.max()), abs=PSNR_ATOL_DB)
+        rel = [float((np.linalg.norm((e - f).reshape(NUM, -1), axis=1)
+                      / np.linalg.norm(f.reshape(NUM, -1), axis=1)).mean()) for f, e in zip(fp, engine)]
+        assert row["latent_rel_error"] == pytest.approx(rel, rel=1e-5, abs=1e-12)
+        assert row["final_latent_rel_error"] == row["latent_rel_error"][-1] and rel[0] == 0.0 and rel[-1] > 0
+        assert 0 < row["ssim"]["mean"] < 1
     assert rows[1]["tables"]["max_abs_K"] > 0  # the compensated engine carries non-identity tables
+    assert rows[0]["psnr_per_image"] != rows[1]["psnr_per_image"]
 
 
 def test_method_config_resets_variant_fields():

@@ -2,6 +2,7 @@
 the same statistical tolerances as w8a8), packed INT4 initializers, no custom ops, TensorRT rules, SVDQuant."""
 
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -15,9 +16,9 @@ from qdc_export.engines.trt_rules import check_tensorrt_compatibility
 from qdc_export.errors import UserError
 from qdc_export.inspection import inspect_model
 from qdc_export.manifest import read_manifest
-from qdc_export.passes.int4 import (Int4Options, dequantize_blockwise, fake_quantize_blockwise,
-                                    fake_quantize_int4_group, insert_recorders, pack_int4_initializers,
-                                    quantize_blockwise, quantize_int4, search_clip_ratio)
+from qdc_export.passes.int4 import (DEFAULT_CLIP_RATIOS, Int4Options, dequantize_blockwise,
+                                    fake_quantize_blockwise, fake_quantize_int4_group, insert_recorders,
+                                    pack_int4_initializers, quantize_blockwise, quantize_int4, search_clip_ratio)
 from qdc_export.passes.svdquant import SvdQuantOptions, svdquant
 
 BUILDS = [  # (model, precision, overrides): each INT4 form once; tiny-sd is the SD-style reference
@@ -129,14 +130,34 @@ def test_blockwise_round_trip_is_exact_on_the_grid():
     assert torch.equal(dequantize_blockwise(q2, scale2, block), w)
 
 
-def test_clip_search_never_worse_than_ratio_one():
+def _output_error_by_hand(w: torch.Tensor, x: torch.Tensor, block: int, ratio: float) -> float:
+    """||X (W - W_hat)^T||^2 with W_hat written out here in numpy: per block of ``block`` input columns,
+    scale = ratio * max|w| / 7, q = clip(round-half-even(w / scale), -8, 7), W_hat = q * scale."""
+    wn = w.numpy()
+    w_hat = np.empty_like(wn)
+    for start in range(0, wn.shape[1], block):
+        cols = wn[:, start:start + block]
+        scale = (np.abs(cols).max(axis=1, keepdims=True) * np.float32(ratio) / np.float32(7.0)).astype(np.float32)
+        w_hat[:, start:start + block] = np.clip(np.round(cols / scale), -8, 7) * scale
+    d = (wn - w_hat).astype(np.float64)
+    return float(((x.double().numpy() @ d.T) ** 2).sum())
+
+
+def test_clip_search_picks_the_ratio_with_the_least_output_error():
+    """Against a brute force over the same ratios with a quantizer written out in the test; with weight outliers
+    clipping must pay (a search that always kept 1.0 fails here)."""
     torch.manual_seed(1)
     for trial in range(5):
         w = torch.randn(32, 128)
         w[torch.rand_like(w) < 0.01] *= 8  # weight outliers: clipping pays
         x = torch.randn(256, 128)
         ratio, errors = search_clip_ratio(w, x, 64)
-        assert errors[ratio] <= errors[1.0]
+        by_hand = {r: _output_error_by_hand(w, x, 64, r) for r in DEFAULT_CLIP_RATIOS}
+        best = min(by_hand, key=lambda r: (by_hand[r], -r))
+        worst_rel = max(abs(errors[r] - v) / v for r, v in by_hand.items())
+        assert ratio == best, (trial, ratio, best, errors, by_hand)
+        assert worst_rel <= 1e-6, f"trial {trial}: max rel. error difference {worst_rel:.2e} > 1e-6"
+        assert ratio < 1.0 and by_hand[ratio] < by_hand[1.0], (trial, ratio, by_hand)
     assert search_clip_ratio(w, None, 64) == (1.0, {})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from qdc_export.cli import main
 from qdc_export.engines.onnxruntime import OrtDenoiser
 from qdc_export.loading import load_model
+from qdc_export.manifest import write_manifest
 from qdc_export.metrics import psnr
 from qdc_export.report import REPORT_DIR, REPORT_FILE, write_report
 from qdc_export.sampling import TorchDenoiser, initial_latents, latents_to_images, make_scheduler, run_sampler
@@ -50,7 +52,29 @@ def test_build_writes_report_with_existing_pngs(compensated):
     assert {Path(p).name for p in pngs} >= {"images.png", "latent_error.png", "layer_sensitivity.png"}
     for ref in refs:
         assert (compensated.out / ref).is_file(), f"report references missing {ref}"
-    assert "Parity" in html and ("PASS" in html or "FAIL" in html)
+    assert _parity_verdict(html) == ("PASS" if json.loads((compensated.out / "parity.json").read_text())["passed"]
+                                     else "FAIL")
+
+
+def _parity_verdict(html: str) -> str:
+    """PASS or FAIL as the report's parity section shows it (the only verdict word in that section)."""
+    section = html.split("<h2>Parity</h2>", 1)[1]
+    words = set(re.findall(r"\b(PASS|FAIL)\b", section))
+    assert len(words) == 1, f"parity section shows {words or 'no verdict'}"
+    return words.pop()
+
+
+def test_report_shows_the_verdict_of_parity_json(compensated, tmp_path):
+    """The same build with its parity.json turned to a failure (manifest rewritten to match) must report FAIL:
+    the verdict comes from the record, whatever it says."""
+    folder = tmp_path / "flipped"
+    shutil.copytree(compensated.out, folder)
+    parity = json.loads((folder / "parity.json").read_text())
+    (folder / "parity.json").write_text(json.dumps({**parity, "passed": not parity["passed"]}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("artifacts", "content_sha256")})
+    write_report(folder, num=1, force=True, sensitivity=False)
+    assert _parity_verdict((folder / REPORT_FILE).read_text()) == ("FAIL" if parity["passed"] else "PASS")
 
 
 def test_report_psnr_matches_metrics_psnr(compensated):

@@ -1,6 +1,7 @@
 """Reproducible builds: the same model, options and seed give byte-identical artifacts (model.onnx,
 reference.pt2, parity.json, compensation tables) and the same manifest ``content_sha256``; only the
-unhashed keys (creation time, stage timings) may differ."""
+unhashed keys (creation time, stage timings) may differ. The twin builds carry TCEC tables (fitted, folded,
+saved): the held-out check is off so that the tiny random-weight model keeps them."""
 
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ def _files(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def twin_builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("repro")
-    config = BuildConfig(precision="w8a8", **FAST)
+    config = BuildConfig(precision="w8a8", compensation="tcec", comp_validate=False, **FAST)
     return [build("tiny-unet2d", config, root / name, write_report=False).out for name in ("a", "b")]
 
 
 def test_same_inputs_give_identical_artifacts_and_manifest(twin_builds):
     a, b = twin_builds
     files_a, files_b = _files(a), _files(b)
-    assert {"model.onnx", "reference.pt2", "parity.json"} <= set(files_a)
+    tables = {"compensation/compensation.json", "compensation/compensation.safetensors"}
+    assert {"model.onnx", "reference.pt2", "parity.json"} | tables <= set(files_a)
     differing = sorted(k for k in files_a.keys() | files_b.keys() if files_a.get(k) != files_b.get(k))
     assert not differing, f"artifacts differ between identical builds: {differing}"
     man_a, man_b = (json.loads((d / MANIFEST).read_text()) for d in (a, b))
@@ -41,6 +43,7 @@ def test_same_inputs_give_identical_artifacts_and_manifest(twin_builds):
     strip = lambda m: {k: v for k, v in m.items() if k not in UNHASHED_KEYS}
     assert strip(man_a) == strip(man_b)
     assert man_a["artifacts"] == files_a  # the manifest hashes what is on disk
+    assert man_a["compensation"]["folded"] and man_a["compensation"]["method"] == "tcec-m0"
 
 
 def test_reference_archive_has_no_run_specific_records(twin_builds):

@@ -65,7 +65,7 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "w8a8", "w4a16", "w4a8", "w4a4"]), default="w8a8", show_default=True)
 @click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "euler", "dpmsolver++"]), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="denoising steps the engine is built and calibrated for")
-@click.option("--calib-samples", type=int, default=8, show_default=True, help="calibration trajectories")
+@click.option("--calib-samples", type=int, default=8, show_default=True, help="calibration trajectories (1..1000)")
 @click.option("--observer", type=click.Choice(["minmax", "percentile", "mse"]), default="percentile", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True)
 @click.option("--quantize-attention/--no-quantize-attention", default=False, show_default=True)
@@ -147,6 +147,7 @@ def check(build_dir, backend, provider, seeds, against, save_goldens, as_json) -
     """Check a build folder's ONNX model against its PyTorch reference graph and the FP model."""
     from .check import summarize
     from .checking import PARITY_SEED_OFFSET, check_against, check_build
+    from .config import MAX_PARITY_SAMPLES
 
     if not build_dir.is_dir():
         raise UserError(f"{build_dir} is not a folder")
@@ -164,6 +165,8 @@ def check(build_dir, backend, provider, seeds, against, save_goldens, as_json) -
         raise UserError("--backend tensorrt compares the engine with goldens: pass --against goldens.json")
     if save_goldens is not None and save_goldens.exists():
         raise UserError(f"{save_goldens} exists; remove it first")
+    if seeds is not None and not 1 <= seeds <= MAX_PARITY_SAMPLES:
+        raise UserError(f"--seeds must be in 1..{MAX_PARITY_SAMPLES}, got {seeds}")
     seed_list = [PARITY_SEED_OFFSET + i for i in range(seeds)] if seeds else None
     report = check_build(build_dir, seeds=seed_list, provider=provider, save_goldens_to=save_goldens)
     click.echo(json.dumps(report, indent=2) if as_json else summarize(report))

@@ -23,6 +23,14 @@ FIT_SEED_SHIFT = 7  # compensation fits use calibration seeds shifted away from 
 VALIDATION_SEED_SHIFT = 13  # the held-out check uses seeds neither the observers nor the fit saw
 
 
+def fit_seeds(config: BuildConfig) -> list[int]:
+    return calibration_seeds(config.seed + FIT_SEED_SHIFT, config.calib_samples)
+
+
+def held_out_seeds(config: BuildConfig) -> list[int]:
+    return calibration_seeds(config.seed + VALIDATION_SEED_SHIFT, config.calib_samples)
+
+
 def method_name(config: BuildConfig) -> str:
     return f"tcec-{config.tcec_variant}" if config.compensation == "tcec" else config.compensation
 
@@ -40,7 +48,7 @@ def guided_denoiser(module: Any, model: LoadedModel, cond: dict[str, torch.Tenso
 
 
 def fit_compensation(quantized: torch.nn.Module, model: LoadedModel, config: BuildConfig) -> CompensationTables:
-    seeds = calibration_seeds(config.seed + FIT_SEED_SHIFT, config.calib_samples)
+    seeds = fit_seeds(config)
     cond, uncond = model.conditioning.for_samples(seeds)
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
     latents = initial_latents(shape, seeds)  # fit_tables scales by init_noise_sigma itself
@@ -62,7 +70,7 @@ def validate_compensation(quantized: torch.nn.Module, compensated: torch.nn.Modu
     accepted only if they raise the mean PSNR. Why: the per-step least-squares fit can hurt whole trajectories
     (measured: W4A4 digits-cond, TCEC m=0 + bias, 22.1 -> 17.6 dB; the regression of the error on a noisy
     eps~ shrinks eps~ instead of correcting a systematic error), and a build must not ship that silently."""
-    seeds = calibration_seeds(config.seed + VALIDATION_SEED_SHIFT, config.calib_samples)
+    seeds = held_out_seeds(config)
     cond, uncond = model.conditioning.for_samples(seeds)
     latents = initial_latents(model.adapter.input_specs(model.unet)[0].concrete(1)[1:], seeds)
     scheduler = make_scheduler(config.scheduler, model.scheduler_config)

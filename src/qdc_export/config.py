@@ -17,6 +17,11 @@ TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
 TARGETS = ("onnxruntime", "tensorrt")
 PTQ_METHODS = ("rtn", "svdquant")
 WEIGHT_BLOCK_SIZES = (64, 128)
+# Seed sets (tests/test_seeds.py checks they are disjoint at these maxima): calibration, compensation-fit and
+# held-out seeds are blocks of 1000 per --seed from 100 000 on (calibrate.calibration_seeds; the fit and held-out
+# blocks are --seed + 7 and + 13), parity seeds 50 000 + i, evaluation seeds 0..N-1.
+MAX_CALIB_SAMPLES = 1000
+MAX_PARITY_SAMPLES = 1000
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -64,10 +69,12 @@ class BuildConfig:
         _check_choice("compensation target", self.comp_target, ("same-input", "cumulative"))
         if self.steps < 1 or self.steps > 1000:
             raise UserError(f"--steps must be in 1..1000, got {self.steps}")
-        if self.calib_samples < 1:
-            raise UserError(f"--calib-samples must be >= 1, got {self.calib_samples}")
-        if self.parity_samples < 1:
-            raise UserError(f"--parity-samples must be >= 1, got {self.parity_samples}")
+        if not 1 <= self.calib_samples <= MAX_CALIB_SAMPLES:
+            raise UserError(f"--calib-samples must be in 1..{MAX_CALIB_SAMPLES}, got {self.calib_samples}")
+        if not 1 <= self.parity_samples <= MAX_PARITY_SAMPLES:
+            raise UserError(f"--parity-samples must be in 1..{MAX_PARITY_SAMPLES}, got {self.parity_samples}")
+        if self.seed < 0:  # a negative seed would move the calibration seeds onto the parity / evaluation seeds
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
         _check_choice("ptq", self.ptq, PTQ_METHODS)

@@ -31,6 +31,7 @@ from .errors import UserError
 from .export import export_onnx
 from .loading import LoadedModel, load_model
 from .metrics import psnr, relative_latent_error, ssim
+from .provenance import source_hash
 from .sampling import Denoiser, TorchDenoiser, initial_latents, latents_to_images, make_scheduler, run_sampler
 
 # Named compensation methods -> BuildConfig fields. "none" is the plain quantized engine.
@@ -81,7 +82,12 @@ def _quiet(_: str) -> None:
     pass
 
 
+MAX_EVALUATION_IMAGES = 10_000  # evaluation seeds 0..N-1 stay below the parity seeds (50 000 + i)
+
+
 def evaluation_seeds(num_images: int) -> list[int]:
+    if not 1 <= num_images <= MAX_EVALUATION_IMAGES:
+        raise UserError(f"number of evaluation images must be in 1..{MAX_EVALUATION_IMAGES}, got {num_images}")
     return list(range(num_images))
 
 
@@ -243,6 +249,13 @@ def _table_stats(folder: Path) -> dict[str, Any]:
     }
 
 
+def engine_key(config: BuildConfig) -> str:
+    """Cache key of an exported engine: its build config and the code version (an engine built by other code is
+    rebuilt, not reused)."""
+    payload = json.dumps([config.to_dict(), source_hash()], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class Case:
     model: str
@@ -273,7 +286,7 @@ def evaluate_case(
     progress: Progress = _quiet,
 ) -> list[dict[str, Any]]:
     """Rows (one per method) for one (model, precision, sampler). ONNX models are cached in ``cache_dir`` by
-    model weights and config, so an interrupted run resumes where it stopped."""
+    model weights, config and code version, so an interrupted run resumes where it stopped."""
     methods = list(methods)
     if case.precision == "fp32":
         methods = ["none"]
@@ -293,10 +306,7 @@ def evaluate_case(
     rows = []
     for method in methods:
         config = method_config(base, method)
-        key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[
-            :12
-        ]
-        folder = case_dir / f"{method}-{key}"
+        folder = case_dir / f"{method}-{engine_key(config)}"
         t1 = time.perf_counter()
         if not (folder / "engine.json").is_file():
             if graph is None:
@@ -321,6 +331,8 @@ def evaluate_case(
             "method": method,
             **scores,
             "tables": _table_stats(folder),
+            # the build's held-out check (tcec-default), None where the method ran without it
+            "compensation_validation": info["compensation"].get("validation"),
             "engine": str(folder),
             "timings_s": {
                 "fit": info["fit_s"],

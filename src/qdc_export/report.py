@@ -26,7 +26,6 @@ derived, not an artifact, and is not hashed."""
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import shutil
@@ -49,11 +48,11 @@ from .loading import LoadedModel, load_model
 from .manifest import read_manifest, verify_artifacts
 from .metrics import psnr, relative_latent_error
 from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
+from .report_html import REPORT_DIR, column_titles, render_html
 from .sample_images import to_pil
 from .sampling import latents_to_images, make_scheduler, run_sampler
 
 REPORT_FILE = "report.html"
-REPORT_DIR = "report"
 UPSCALE = 4
 WORST_LAYERS = 30
 
@@ -340,10 +339,6 @@ def _psnr_list(reference: torch.Tensor, latents: torch.Tensor) -> list[float]:
     return [float(v) for v in psnr(latents_to_images(reference[-1]), latents_to_images(latents[-1]))]
 
 
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values))
-
-
 def write_report(
     build_dir: Path,
     *,
@@ -390,10 +385,12 @@ def write_report(
     }
     if compensation.get("rejected"):
         summary["compensation_rejected"] = compensation["validation"]
+
+    def titles_for(column: str) -> str:
+        return column_titles(config.precision, method, quantized)[column]
+
     if not quantized:
-        columns.append(
-            (f"engine ({config.precision})", built_latents[-1], _psnr_list(reference, built_latents))
-        )
+        columns.append((titles_for("engine"), built_latents[-1], _psnr_list(reference, built_latents)))
         curves["engine"] = relative_latent_error(list(reference), list(built_latents))
         summary["third_column"] = "none (fp32 build: no quantization, no compensation)"
         summary["psnr_db"] = {"engine": columns[-1][2]}
@@ -403,8 +400,8 @@ def write_report(
         raw_latents = sample_latents(raw, model, sched_name, steps, seeds)
         p_raw, p_comp = _psnr_list(reference, raw_latents), _psnr_list(reference, built_latents)
         columns += [
-            (f"{config.precision}, no\ncompensation", raw_latents[-1], p_raw),
-            (f"{config.precision} + {method}\n(engine as built)", built_latents[-1], p_comp),
+            (titles_for("no_compensation"), raw_latents[-1], p_raw),
+            (titles_for("compensated"), built_latents[-1], p_comp),
         ]
         curves = {
             "no compensation": relative_latent_error(list(reference), list(raw_latents)),
@@ -420,12 +417,8 @@ def write_report(
         )
         p_raw, p_comp = _psnr_list(reference, built_latents), _psnr_list(reference, comp_latents)
         columns += [
-            (f"{config.precision}, no\ncompensation\n(engine as built)", built_latents[-1], p_raw),
-            (
-                f"{config.precision} + tcec-m0\n(fitted for this\nreport, not in\nthe engine)",
-                comp_latents[-1],
-                p_comp,
-            ),
+            (titles_for("no_compensation"), built_latents[-1], p_raw),
+            (titles_for("compensated"), comp_latents[-1], p_comp),
         ]
         curves = {
             "no compensation (as built)": relative_latent_error(list(reference), list(built_latents)),
@@ -461,93 +454,8 @@ def write_report(
         None if parity is None else {k: parity[k] for k in ("passed", "mode", "worst") if k in parity}
     )
     (assets / "report.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
-    html_path.write_text(_html(manifest, config, columns, summary, layer_rows, parity, assets))
+    html_path.write_text(render_html(manifest, summary, parity))
     return html_path
-
-
-def _fmt_db(v: float) -> str:
-    return "inf" if math.isinf(v) else f"{v:.2f}"
-
-
-def _html(
-    manifest: dict[str, Any],
-    config: BuildConfig,
-    columns: list[tuple[str, torch.Tensor, list[float] | None]],
-    summary: dict[str, Any],
-    layer_rows: list[dict[str, Any]],
-    parity: dict[str, Any] | None,
-    assets: Path,
-) -> str:
-    from .check import summarize
-
-    esc = html.escape
-    model_name = manifest["model"]["source"].get("name", manifest["model"]["source"].get("path", "?"))
-    title = f"qdc-export report: {model_name}, {config.precision}, {config.scheduler} x {config.steps}"
-    head_rows = [
-        ("model", model_name),
-        ("precision", config.precision),
-        ("sampler", f"{config.scheduler}, {config.steps} steps"),
-        ("compensation", summary["method"]),
-        ("third image column", summary["third_column"]),
-        ("evaluation seeds", f"0..{len(summary['seeds']) - 1}"),
-        ("manifest content sha256", manifest.get("content_sha256", "?")),
-    ]
-    parts = [
-        (
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-            "th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%}</style></head><body>"
-        ),
-        f"<h1>{esc(title)}</h1><table>",
-    ]
-    parts += [f"<tr><th>{esc(k)}</th><td class='l'>{esc(str(v))}</td></tr>" for k, v in head_rows]
-    parts.append("</table>")
-    parts.append(
-        "<h2>Images</h2><p>PSNR (dB) of each image against the FP model's image from the same seed "
-        "(images in [0, 1]); upscaled x4, nearest neighbour.</p>"
-        f"<img src='{REPORT_DIR}/images.png' alt='image grid'>"
-    )
-    value_cols = [(t.replace("\n", " "), v) for t, _, v in columns if v is not None]
-    parts.append(
-        "<table id='psnr'><tr><th>seed</th>" + "".join(f"<th>{esc(t)}</th>" for t, _ in value_cols) + "</tr>"
-    )
-    for i, seed in enumerate(summary["seeds"]):
-        cells = "".join(f"<td data-psnr='{v[i]!r}'>{_fmt_db(v[i])}</td>" for _, v in value_cols)
-        parts.append(f"<tr><td>{seed}</td>{cells}</tr>")
-    means = "".join(f"<td>{_fmt_db(_mean(v))}</td>" for _, v in value_cols)
-    parts.append(f"<tr><th>mean</th>{means}</tr></table>")
-    parts.append(
-        "<h2>Per-step latent error</h2><p>||x~_n - x_n|| / ||x_n||, mean over the images; step 0 is the "
-        "shared starting noise.</p>"
-        f"<img src='{REPORT_DIR}/latent_error.png' alt='latent error curves'>"
-    )
-    parts.append("<h2>Per-layer sensitivity</h2>")
-    if layer_rows:
-        parts.append(
-            "<p>Output SQNR of each quantized layer with only that layer's input and weight quantized "
-            "(quantizers re-created from the build config), on inputs recorded along FP calibration "
-            "trajectories. Lowest = most sensitive.</p>"
-            f"<img src='{REPORT_DIR}/layer_sensitivity.png' alt='per-layer sensitivity'>"
-            "<details><summary>all layers</summary><table><tr><th>layer</th><th>SQNR dB</th></tr>"
-        )
-        parts += [
-            f"<tr><td class='l'>{esc(r['layer'])}</td><td>{_fmt_db(r['sqnr_db'])}</td></tr>"
-            for r in layer_rows
-        ]
-        parts.append("</table></details>")
-    else:
-        parts.append("<p>No quantized layers (fp32 build) or sensitivity skipped.</p>")
-    parts.append("<h2>Parity</h2>")
-    if parity is None:
-        parts.append(f"<p>No {PARITY_FILE}: the build ran without the parity check.</p>")
-    else:
-        parts.append(f"<pre>{esc(summarize(parity))}</pre>")
-    parts.append(
-        "<p style='color:#777'>Numbers in full precision: "
-        f"<a href='{REPORT_DIR}/report.json'>{REPORT_DIR}/report.json</a>.</p></body></html>"
-    )
-    return "\n".join(parts)
 
 
 def embed_png(path: Path) -> str:

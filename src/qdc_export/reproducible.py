@@ -4,16 +4,20 @@ Two things in a ``torch.export.save`` archive change from run to run although th
 
 - ``.data/serialization_id``: PyTorch's zip writer stores a time+random id in every archive;
 - node metadata ``from_node``: provenance records that include ``graph_id`` = ``id()`` of a Python
-  graph object (a memory address).
+  graph object (a memory address);
+- node ``stack_trace`` of a re-exported GraphModule (the compensation fold re-exports the quantized graph):
+  it names the graph's generated code ``<eval_with_key>.N``, N counting the graphs compiled so far in the
+  process, so a second identical build in one process differs.
 
-:func:`save_program` drops ``from_node`` (debug provenance, not needed to load or run the program),
-saves, and replaces the serialization id by one derived from the archive's other records (their
+:func:`save_program` drops ``from_node`` (debug provenance, not needed to load or run the program), removes
+the counter from stack traces, saves, and replaces the serialization id by one derived from the archive's other records (their
 names, sizes and CRC-32s), so identical programs give identical bytes and different ones keep
 different ids. The ONNX file is already deterministic (checked by tests/test_reproducible.py)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import zipfile
 import zlib
@@ -26,13 +30,20 @@ _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature .. extra field length
 _LOCAL_SIG, _CENTRAL_SIG, _DESCRIPTOR_SIG = 0x04034B50, 0x02014B50, 0x08074B50
 
 
+_GENERATED_CODE_COUNTER = re.compile(r"<eval_with_key>\.\d+")
+
+
 def strip_provenance(program: torch.export.ExportedProgram) -> None:
-    """Drop ``from_node`` (it holds ``id()`` of graph objects) from every node, in place."""
+    """Drop ``from_node`` (it holds ``id()`` of graph objects) and the per-process counter in stack traces from
+    every node, in place."""
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         if isinstance(graph, torch.fx.Graph):
             for node in graph.nodes:
                 node.meta.pop("from_node", None)
+                trace = node.meta.get("stack_trace")
+                if isinstance(trace, str):
+                    node.meta["stack_trace"] = _GENERATED_CODE_COUNTER.sub("<eval_with_key>", trace)
 
 
 def save_program(program: torch.export.ExportedProgram, path: Path) -> None:

@@ -30,7 +30,12 @@ def remove_unused_weights(gm: torch.fx.GraphModule) -> PassResult:
 
     PT2E's convert (fold_quantize) reads the INT8 weight constants it creates but leaves the float weights
     they replace attached to the module; unused, they would still be exported and saved with the graph
-    (a w8a8 SD 1.5 reference.pt2 was 4.3 GB instead of 1.0 GB: 3.4 GB of dead float weights)."""
+    (a w8a8 SD 1.5 reference.pt2 was 4.3 GB instead of 1.0 GB: 3.4 GB of dead float weights). A re-exported
+    graph (the compensation fold) reads every weight through a ``get_attr`` node, also the unused ones: such
+    nodes without users are erased first, so that their weights count as unused too."""
+    dead = [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
+    for node in dead:
+        gm.graph.erase_node(node)
     used = [str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
     used_set = set(used)
     removed, freed = [], 0
@@ -46,7 +51,9 @@ def remove_unused_weights(gm: torch.fx.GraphModule) -> PassResult:
             freed += tensor.numel() * tensor.element_size()
     if removed:
         gm.delete_all_unused_submodules()
-    return PassResult(gm, bool(removed), {"removed_weights": len(removed), "removed_bytes": freed})
+    if dead or removed:
+        gm.recompile()
+    return PassResult(gm, bool(removed or dead), {"removed_weights": len(removed), "removed_bytes": freed})
 
 
 def sink_weight_computations(gm: torch.fx.GraphModule) -> PassResult:
