@@ -204,6 +204,24 @@ def report(build_dir, num, force) -> None:
 
 
 @main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="model repository folder")
+@click.option("--name", default=None, help="model name in the repository (default: <model>-<precision>)")
+@click.option("--max-batch-size", type=int, default=None,
+              help="Triton max_batch_size (default: the TensorRT profile's max, else 8)")
+@click.option("--force", is_flag=True, help="replace existing model folders in --out")
+@_user_errors
+def triton(build_dir, out, name, max_batch_size, force) -> None:
+    """Write a Triton Inference Server model repository (config.pbtxt, 1/model.onnx, manifest) from a build."""
+    from .serving.triton import write_repository
+
+    if not build_dir.is_dir():
+        raise UserError(f"{build_dir} is not a folder")
+    for path in write_repository(build_dir, out, name=name, max_batch_size=max_batch_size, force=force):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--verbose", "-v", is_flag=True, help="list every layer")
 @click.option("--json", "as_json", is_flag=True)
