@@ -268,7 +268,8 @@ def _explicit(scheduler_config: Path | str | dict[str, Any] | None) -> Path | di
 def conditioning_from_build(folder: Path, manifest: dict[str, Any]) -> Conditioning:
     """The conditioning a build was made with, from the build folder alone (no source model needed)."""
     meta = manifest["conditioning"]
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["io"]["inputs"][2:]]
+    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["io"]["inputs"][2:]
+             if i["name"] in meta["names"]]  # not comp_state, the last input of stateful builds
     cond = Conditioning(specs=specs, num_classes=int(meta["num_classes"]), null_index=int(meta["null_index"]),
                         guidance_scale=float(meta["guidance_scale"]), image_size=int(meta["image_size"]))
     if meta.get("table"):

@@ -45,6 +45,14 @@ MODEL_FILE = "model.onnx"
 COMPENSATION_DIR = "compensation"
 
 
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 on the host, as the session takes it (no copy when it already is)."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        return tensor
+    return tensor.to("cpu", torch.float32)
+
+
 class EngineUNet(torch.nn.Module):
     """Base of the two drop-ins; use :meth:`from_build`, which picks the one matching the build's UNet class."""
 
@@ -111,15 +119,20 @@ class EngineUNet(torch.nn.Module):
         self.step, self.engine.state, self.compensating, self.schedule_note = None, None, True, None
 
     # ---- one engine call ---------------------------------------------------------------------------------
-    def _timestep_vector(self, timestep: Any, batch: int) -> torch.Tensor:
-        t = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
+    @staticmethod
+    def _timestep_value(timestep: Any, batch: int) -> float:
+        """The one timestep value of this call (pipelines pass a 0-d tensor, a [1] or a [B] tensor, or a number)."""
+        if isinstance(timestep, (int, float)):
+            return float(timestep)
+        t = torch.as_tensor(timestep).detach()
         if t.numel() == 1:
-            t = t.expand(batch)
+            return float(t)
         if t.numel() != batch:
             raise UserError(f"timestep has {t.numel()} values for a batch of {batch}")
-        if not bool((t == t[0]).all()):
+        flat = t.reshape(-1).to("cpu", torch.float32)
+        if not bool((flat == flat[0]).all()):
             raise UserError("the engine's rows must share one timestep per call (one schedule position)")
-        return t.contiguous()
+        return float(flat[0])
 
     def _mismatch(self, why: str) -> None:
         if not self.allow_schedule_mismatch or not self.compensated:
@@ -164,13 +177,13 @@ class EngineUNet(torch.nn.Module):
 
     def _run(self, sample: torch.Tensor, timestep: Any, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = sample.shape[0]
-        tvec = self._timestep_vector(timestep, batch)
-        self._advance(float(tvec[0]), batch)
-        feeds = {k: v.detach().to("cpu", torch.float32) for k, v in cond.items()}
-        out = self.engine(sample.detach().to("cpu", torch.float32), tvec, feeds)
+        t = self._timestep_value(timestep, batch)
+        self._advance(t, batch)
+        out = self.engine(_host(sample), torch.full((batch,), t, dtype=torch.float32),
+                          {k: _host(v) for k, v in cond.items()})
         if not self.compensating:
-            out = self._uncompensated(out, float(tvec[0]))
-        return out.to(sample.device, sample.dtype)
+            out = self._uncompensated(out, t)
+        return out if (out.device, out.dtype) == (sample.device, sample.dtype) else out.to(sample.device, sample.dtype)
 
     def _uncompensated(self, noise_pred: torch.Tensor, t: float) -> torch.Tensor:
         if self.stateful:  # comp_state_out is the raw model output
