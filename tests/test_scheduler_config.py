@@ -13,12 +13,14 @@ from click.testing import CliRunner
 from diffusers import DDIMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
 from qdc_export.build import build
+from qdc_export.checking import check_build
 from qdc_export.cli import main
 from qdc_export.compensation.fit import _output_gain
 from qdc_export.config import BuildConfig
 from qdc_export.errors import ModelLoadError, UserError
 from qdc_export.fidelity import fp_denoiser, sample_latents
 from qdc_export.loading import MODELS_DIR, build_preset, load_model
+from qdc_export.manifest import read_manifest
 from qdc_export.sampling import make_scheduler
 
 # What a bare UNet folder's own scheduler says (issue 12's example): not diffusers' DDPMScheduler defaults.
@@ -70,10 +72,16 @@ def test_scheduler_config_beside_the_unet_is_the_one_built(bare_unet, tmp_path):
 def test_explicit_scheduler_config_for_a_bare_unet(bare_unet, tmp_path):
     path = tmp_path / "sched.json"
     path.write_text(json.dumps(COSINE_LEADING))
-    result = build(str(bare_unet), BuildConfig(**QUICK), tmp_path / "b", run_check=False, write_report=False,
-                   scheduler_config=path)
-    assert result.manifest["scheduler"]["source_config"] == COSINE_LEADING
-    assert result.manifest["model"]["source"]["scheduler_config"] == str(path.resolve())
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["build", str(bare_unet), "--precision", "fp32", "--steps", "5",
+                                       "--scheduler-config", str(path), "--no-check", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["scheduler"]["source_config"] == COSINE_LEADING
+    assert manifest["model"]["source"]["scheduler_config"] == str(path.resolve())
+    path.unlink()  # a later check samples with the recorded config, not with a file it may not find again
+    report = check_build(out, seeds=[5])
+    assert report["passed"]
 
 
 def test_scheduler_runs_as_configured_and_overrides_are_explicit():
