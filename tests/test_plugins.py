@@ -53,14 +53,18 @@ def test_float_layer_globs_and_include_override():
 def test_bare_unet_folder_and_pipeline_folder_load(tmp_path):
     unet = build_preset("tiny-unet2d")
     unet.save_pretrained(tmp_path / "bare", safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="no scheduler config"):  # built as its pipeline samples, or not at all
+        load_model(str(tmp_path / "bare"))
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "bare")  # beside the UNet
     loaded = load_model(str(tmp_path / "bare"))
+    assert loaded.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
     assert loaded.adapter.name == "unet2d"
     for a, b in zip(unet.state_dict().values(), loaded.unet.state_dict().values()):
         assert torch.equal(a, b)
     (tmp_path / "pipe").mkdir()
     unet.save_pretrained(tmp_path / "pipe" / "unet", safe_serialization=True)
-    from diffusers import DDIMScheduler
-
     DDIMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "pipe" / "scheduler")
     piped = load_model(str(tmp_path / "pipe"))
     assert piped.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"

@@ -146,13 +146,26 @@ def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
     return folded.module, example, description
 
 
+def load_for_build(model_arg: str | None, config: BuildConfig,
+                   scheduler_config: Path | str | dict[str, Any] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model with the build's scheduler config (its own, plus the explicit ``scheduler_overrides``), which
+    every stage samples with: calibration, fit, held-out check, parity, report. Also returns the model's own."""
+    model = load_model(model_arg, scheduler_config)
+    own = dict(model.scheduler_config)
+    make_scheduler(config.scheduler, own, config.scheduler_overrides)  # refuses unknown override fields
+    model.scheduler_config = {**own, **config.scheduler_overrides}
+    return model, own
+
+
 def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool = False,
-          progress: bool = False, run_check: bool = True, write_report: bool = True) -> BuildResult:
+          progress: bool = False, run_check: bool = True, write_report: bool = True,
+          scheduler_config: Path | str | dict[str, Any] | None = None) -> BuildResult:
+    """``scheduler_config``: the model's scheduler config where its folder has none (``--scheduler-config``)."""
     from .checking import check_build  # check imports the build's artifacts; avoid a cycle at import time
 
     timer = _Timer()
     with timer.stage("load"):
-        model = load_model(model_arg)
+        model, source_scheduler_config = load_for_build(model_arg, config, scheduler_config)
     with staged_folder(out, force) as staging:
         gm, example, info = build_graph(model, config, progress=progress, timer=timer)
         io = io_description(model)
@@ -191,6 +204,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             "build": config.to_dict(),
             "scheduler": {"name": config.scheduler, "class": type(scheduler).__name__,
                           "config": dict(scheduler.config), "steps": config.steps,
+                          "source_config": source_scheduler_config, "overrides": dict(config.scheduler_overrides),
                           "timesteps": schedule_timesteps(scheduler, config.steps)},
             "conditioning": {
                 "names": [s.name for s in model.conditioning.specs],

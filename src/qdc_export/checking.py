@@ -59,6 +59,15 @@ def model_source_arg(manifest: dict[str, Any]) -> str:
     return source["path"] if source["kind"] == "folder" else source["name"]
 
 
+def model_for_build(manifest: dict[str, Any]) -> LoadedModel:
+    """The source model with the scheduler config the build recorded (the model's own plus its overrides), so a
+    later check or report samples as the build did, even where the config came from ``--scheduler-config``."""
+    recorded = manifest["scheduler"]
+    model = load_model(model_source_arg(manifest), recorded.get("source_config"))
+    model.scheduler_config = {**model.scheduler_config, **recorded.get("overrides", {})}
+    return model
+
+
 def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[int] | None = None,
                 tolerances: ParityTolerances | None = None, provider: str = "cpu",
                 save_goldens_to: Path | None = None, release_model: bool = False) -> dict[str, Any]:
@@ -73,7 +82,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
     verify_artifacts(folder, manifest)
     check_io_matches(load_onnx_checked(folder / "model.onnx"), manifest, folder / "model.onnx")
     if model is None:
-        model, release_model = load_model(model_source_arg(manifest)), True
+        model, release_model = model_for_build(manifest), True
     build = manifest["build"]
     cond_names = manifest["conditioning"]["names"]
 

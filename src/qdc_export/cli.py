@@ -38,6 +38,19 @@ def _parse_range(text: str) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
+def _parse_overrides(items: tuple[str, ...]) -> dict:
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--scheduler-override expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text  # a bare string such as trailing
+    return overrides
+
+
 def _user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -64,6 +77,10 @@ def main() -> None:
 @click.argument("model", required=False)
 @click.option("--precision", type=click.Choice(["fp32", "w8a8", "w4a16", "w4a8", "w4a4"]), default="w8a8", show_default=True)
 @click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "euler", "dpmsolver++"]), default="ddim", show_default=True)
+@click.option("--scheduler-config", "scheduler_config", type=click.Path(path_type=Path), default=None,
+              help="the model's scheduler_config.json (or a folder holding it), where MODEL has none")
+@click.option("--scheduler-override", "scheduler_override", multiple=True, metavar="KEY=VALUE",
+              help="change one field of the model's scheduler config (JSON value), recorded in the manifest")
 @click.option("--steps", type=int, default=20, show_default=True, help="denoising steps the engine is built and calibrated for")
 @click.option("--calib-samples", type=int, default=8, show_default=True, help="calibration trajectories (1..1000)")
 @click.option("--observer", type=click.Choice(["minmax", "percentile", "mse"]), default="percentile", show_default=True)
@@ -93,7 +110,7 @@ def main() -> None:
 @click.option("--distributed", is_flag=True,
               help="split calibration over torchrun's processes (gloo/nccl); rank 0 writes --out")
 @_user_errors
-def build(model, precision, scheduler, steps, calib_samples, observer, percentile, quantize_attention, include,
+def build(model, precision, scheduler, scheduler_config, scheduler_override, steps, calib_samples, observer, percentile, quantize_attention, include,
           exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, comp_validate, target, trt_batch_range,
           parity_samples, ptq, svdquant_rank, seed, out, force, no_check, distributed) -> None:
     """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
@@ -107,15 +124,18 @@ def build(model, precision, scheduler, steps, calib_samples, observer, percentil
                          comp_fit_bias=comp_fit_bias, comp_target=comp_target, comp_ridge=comp_ridge,
                          comp_validate=comp_validate, target=target,
                          trt_batch_range=_parse_range(trt_batch_range), parity_samples=parity_samples, seed=seed,
-                         ptq=ptq, svdquant_rank=svdquant_rank)
+                         ptq=ptq, svdquant_rank=svdquant_rank,
+                         scheduler_overrides=_parse_overrides(scheduler_override))
     if distributed:  # under torchrun: see qdc_export.distributed
         from .distributed import build_distributed
 
-        result = build_distributed(model, config, out, force=force, progress=True, run_check=not no_check)
+        result = build_distributed(model, config, out, force=force, progress=True, run_check=not no_check,
+                                   scheduler_config=scheduler_config)
         if result is None:  # ranks > 0 only calibrate
             return
     else:
-        result = run_build(model, config, out, force=force, progress=True, run_check=not no_check)
+        result = run_build(model, config, out, force=force, progress=True, run_check=not no_check,
+                           scheduler_config=scheduler_config)
     click.echo(f"built {out} ({precision}, {scheduler} x {steps} steps) in {sum(result.timings.values()):.1f} s")
     compensation = result.manifest.get("compensation", {})
     validation = compensation.get("validation")
@@ -204,6 +224,24 @@ def report(build_dir, num, force) -> None:
         raise UserError(f"{build_dir} is not a folder")
     path = write_report(build_dir, num=num, force=force)
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="model repository folder")
+@click.option("--name", default=None, help="model name in the repository (default: <model>-<precision>)")
+@click.option("--max-batch-size", type=int, default=None,
+              help="Triton max_batch_size (default: the TensorRT profile's max, else 8)")
+@click.option("--force", is_flag=True, help="replace existing model folders in --out")
+@_user_errors
+def triton(build_dir, out, name, max_batch_size, force) -> None:
+    """Write a Triton Inference Server model repository (config.pbtxt, 1/model.onnx, manifest) from a build."""
+    from .serving.triton import write_repository
+
+    if not build_dir.is_dir():
+        raise UserError(f"{build_dir} is not a folder")
+    for path in write_repository(build_dir, out, name=name, max_batch_size=max_batch_size, force=force):
+        click.echo(f"wrote {path}")
 
 
 @main.command()

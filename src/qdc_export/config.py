@@ -57,6 +57,9 @@ class BuildConfig:
     ptq: str = "rtn"
     svdquant_rank: int = 32
     weight_block_size: int = 64
+    # Explicit changes to the model's own scheduler config (e.g. {"clip_sample": false}); empty = sample exactly
+    # as the model's pipeline does. Recorded in the manifest; the engine's schedule guard compares against them.
+    scheduler_overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +97,7 @@ class BuildConfig:
         lo, opt, hi = self.trt_batch_range
         if not 0 < lo <= opt <= hi:
             raise UserError(f"--trt-batch-range must satisfy 0 < min <= opt <= max, got {lo}:{opt}:{hi}")
+        object.__setattr__(self, "scheduler_overrides", dict(self.scheduler_overrides))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

@@ -140,8 +140,7 @@ def build_distributed(model_arg: str | None, config: Any, out: Path, *, force: b
                       progress: bool = False, run_check: bool = True, **kwargs: Any) -> Any | None:
     """The build with calibration split over the torchrun processes. Rank 0 returns the BuildResult and
     alone writes ``out``; the other ranks return None after calibration."""
-    from .build import build, build_graph
-    from .loading import load_model
+    from .build import build, build_graph, load_for_build
     from .staging import check_output
 
     rank, _ = init_from_env()
@@ -156,7 +155,7 @@ def build_distributed(model_arg: str | None, config: Any, out: Path, *, force: b
         with sharded_calibration():
             if rank == 0:
                 return build(model_arg, config, out, force=force, progress=progress, run_check=run_check, **kwargs)
-            build_graph(load_model(model_arg), config)  # its share of calibration; rank 0 writes the folder
+            build_graph(load_for_build(model_arg, config, kwargs.get("scheduler_config"))[0], config)  # its share of calibration; rank 0 writes the folder
             return None
     finally:
         dist.destroy_process_group()

@@ -133,12 +133,13 @@ def fp_denoiser(model: LoadedModel) -> TorchDenoiser:
 def fp_latents(
     model: LoadedModel, scheduler_name: str, steps: int, seeds: list[int], *, cache_dir: Path | None = None
 ) -> torch.Tensor:
-    """FP (eager PyTorch) trajectories, cached per (model weights, sampler, steps, seeds)."""
+    """FP (eager PyTorch) trajectories, cached per (model weights, scheduler config, sampler, steps, seeds)."""
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(
             json.dumps(
-                [model_fingerprint(model), scheduler_name, steps, seeds, "init-sigma-after-set"]
+                [model_fingerprint(model), scheduler_name, steps, seeds, "init-sigma-after-set",
+                 model.scheduler_config], sort_keys=True, default=str
             ).encode()
         )
         path = Path(cache_dir) / f"fp-{scheduler_name}{steps}-{key.hexdigest()[:16]}.pt"

@@ -153,8 +153,42 @@ def _load_unet_folder(folder: Path) -> torch.nn.Module:
     return unet.eval()
 
 
-def _default_scheduler_config() -> dict[str, Any]:
-    return dict(DDPMScheduler().config)
+SCHEDULER_CONFIG = "scheduler_config.json"
+# Scheduler configs of the config presets, recorded here as their model folders would ship them: the pixel-space
+# preset takes diffusers' DDPMScheduler defaults (google/ddpm-* style, x0 clipping on); the latent presets take
+# the published Stable Diffusion scheduler config (scaled_linear betas, no clipping, leading + offset 1).
+_LATENT_PRESET_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon",
+}
+
+
+def _preset_scheduler_config(name: str) -> dict[str, Any]:
+    if CONFIG_PRESETS[name][0] is UNet2DModel:
+        return {**DDPMScheduler().config, "_class_name": "DDPMScheduler"}
+    return dict(_LATENT_PRESET_SCHEDULER)
+
+
+def _find_scheduler_config(unet_dir: Path, root: Path | None, explicit: Path | dict[str, Any] | None,
+                           folder: Path) -> tuple[dict[str, Any], str]:
+    """Where diffusers finds it: an explicit path (file or folder), a pipeline's ``scheduler/``, or
+    ``scheduler_config.json`` beside a bare UNet (``SchedulerMixin.from_pretrained(folder)``)."""
+    if isinstance(explicit, dict):
+        return dict(explicit), "given"
+    if explicit is not None:
+        path = Path(explicit)
+        path = path / SCHEDULER_CONFIG if path.is_dir() else path
+        if not path.is_file():
+            raise ModelLoadError(f"--scheduler-config {explicit}: no such file (expected a {SCHEDULER_CONFIG})")
+        return _read_json(path), str(path.resolve())
+    candidates = [root / "scheduler" / SCHEDULER_CONFIG] if root else [unet_dir / SCHEDULER_CONFIG]
+    for path in candidates:
+        if path.is_file():
+            return _read_json(path), str(path.resolve())
+    raise ModelLoadError(
+        f"{folder} has no scheduler config ({candidates[0]} is missing); the build must sample as the model's "
+        f"pipeline does: add it there or pass --scheduler-config PATH")
 
 
 def _conditioning(unet: torch.nn.Module, adapter: UNetAdapter, folder: Path | None) -> Conditioning:
@@ -188,8 +222,10 @@ def build_preset(name: str, seed: int = 0) -> torch.nn.Module:
     return unet
 
 
-def load_model(model: str | None) -> LoadedModel:
-    """MODEL: a folder path, a trained preset name, or a config preset name; None = the default model."""
+def load_model(model: str | None, scheduler_config: Path | str | dict[str, Any] | None = None) -> LoadedModel:
+    """MODEL: a folder path, a trained preset name, or a config preset name; None = the default model.
+    ``scheduler_config``: a scheduler_config.json (or a folder holding one, or the dict itself) that replaces
+    the one found with the model."""
     model = model or DEFAULT_MODEL
     path = Path(model)
     if model in TRAINED_PRESETS and not path.exists():
@@ -200,7 +236,11 @@ def load_model(model: str | None) -> LoadedModel:
         unet = build_preset(model)
         adapter = adapter_for(unet)
         source = {"kind": "config-preset", "name": model, "seed": 0}
-        return LoadedModel(unet, adapter, _default_scheduler_config(), _conditioning(unet, adapter, None), source)
+        if scheduler_config is None:
+            sched, source["scheduler_config"] = _preset_scheduler_config(model), "preset"
+        else:
+            sched, source["scheduler_config"] = _find_scheduler_config(Path(), None, _explicit(scheduler_config), path)
+        return LoadedModel(unet, adapter, sched, _conditioning(unet, adapter, None), source)
     if not path.exists():
         raise ModelLoadError(
             f"MODEL {model!r} is neither a folder nor a preset "
@@ -216,16 +256,20 @@ def load_model(model: str | None) -> LoadedModel:
         raise ModelLoadError(f"{path} is not a diffusers folder (no config.json or unet/config.json)")
     unet = _load_unet_folder(unet_dir)
     adapter = adapter_for(unet)
-    sched_file = root / "scheduler" / "scheduler_config.json" if root else None
-    scheduler_config = _read_json(sched_file) if sched_file and sched_file.is_file() else _default_scheduler_config()
-    source = {"kind": "folder", "path": str(path.resolve()), "name": path.name}
-    return LoadedModel(unet, adapter, scheduler_config, _conditioning(unet, adapter, root), source)
+    sched, sched_source = _find_scheduler_config(unet_dir, root, _explicit(scheduler_config), path)
+    source = {"kind": "folder", "path": str(path.resolve()), "name": path.name, "scheduler_config": sched_source}
+    return LoadedModel(unet, adapter, sched, _conditioning(unet, adapter, root), source)
+
+
+def _explicit(scheduler_config: Path | str | dict[str, Any] | None) -> Path | dict[str, Any] | None:
+    return Path(scheduler_config) if isinstance(scheduler_config, str) else scheduler_config
 
 
 def conditioning_from_build(folder: Path, manifest: dict[str, Any]) -> Conditioning:
     """The conditioning a build was made with, from the build folder alone (no source model needed)."""
     meta = manifest["conditioning"]
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["io"]["inputs"][2:]]
+    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["io"]["inputs"][2:]
+             if i["name"] in meta["names"]]  # not comp_state, the last input of stateful builds
     cond = Conditioning(specs=specs, num_classes=int(meta["num_classes"]), null_index=int(meta["null_index"]),
                         guidance_scale=float(meta["guidance_scale"]), image_size=int(meta["image_size"]))
     if meta.get("table"):

@@ -44,7 +44,7 @@ from .config import BuildConfig
 from .engines.onnxruntime import OrtDenoiser
 from .errors import OutputExistsError, UserError
 from .fidelity import evaluation_seeds, fp_denoiser, sample_latents
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel
 from .manifest import read_manifest, verify_artifacts
 from .metrics import psnr, relative_latent_error
 from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
@@ -348,7 +348,7 @@ def write_report(
     sensitivity: bool = True,
 ) -> Path:
     """Write ``build_dir/report.html`` and ``build_dir/report/``; returns the HTML path."""
-    from .checking import load_reference, model_source_arg
+    from .checking import load_reference, model_for_build
     from .compensate import fit_compensation
 
     build_dir = Path(build_dir)
@@ -362,7 +362,7 @@ def write_report(
     shutil.rmtree(assets, ignore_errors=True)
     assets.mkdir(parents=True)
     config = BuildConfig.from_dict(manifest["build"])
-    model = model or load_model(model_source_arg(manifest))
+    model = model or model_for_build(manifest)
     seeds = evaluation_seeds(num)
     steps, sched_name = config.steps, config.scheduler
     engine_path = build_dir / MODEL_FILE

@@ -25,16 +25,20 @@ _SCHEDULER_CLASSES = {
 }
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
+def make_scheduler(name: str, base_config: dict[str, Any], overrides: dict[str, Any] | None = None) -> Any:
+    """The sampler a build runs: ``name`` picks the class, everything else (betas, timestep spacing, x0
+    clipping, thresholding, ...) comes from the model's own scheduler config, as the client's pipeline
+    would run it. ``overrides`` are explicit build options (recorded in the manifest), never implicit.
+    "dpmsolver++" means DPM-Solver++ 2M: its algorithm and order are part of the name."""
     if name not in _SCHEDULER_CLASSES:
         raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(_SCHEDULER_CLASSES)}")
-    # x0 clipping and dynamic thresholding make the update nonlinear in the model output; the error
-    # propagation model (and so the compensation) assumes the linear update, so every build samples
-    # without them: FP reference and engine alike.
-    overrides: dict[str, Any] = {"clip_sample": False, "thresholding": False}
-    if name == "dpmsolver++":
-        overrides.update(algorithm_type="dpmsolver++", solver_order=2)
-    return _SCHEDULER_CLASSES[name].from_config(base_config, **overrides)
+    cls = _SCHEDULER_CLASSES[name]
+    fixed: dict[str, Any] = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(cls.from_config(base_config).config))
+    if unknown:
+        raise UserError(f"scheduler override {', '.join(unknown)} is not a {cls.__name__} config field")
+    return cls.from_config(base_config, **{**fixed, **overrides})
 
 
 def schedule_timesteps(scheduler: Any, steps: int) -> list[float]:

@@ -35,6 +35,17 @@ Variants
                        current-output coefficient ratio only (documented approximation).
     none               identity tables (still runs the trajectories and reports the residual statistics).
 
+Nonlinear updates (the model's own scheduler with ``clip_sample`` or ``thresholding``): the trajectories step
+with the scheduler exactly as configured (what the client runs). Two things in the fit need the update's linear
+form, and get it where the update *is* linear: (1) the coefficients A, B (cumulative target, m1-analytic) are
+those of the same scheduler without clipping/thresholding, i.e. the update's Jacobian where x0 is inside the clip
+range; (2) with ``clip_sample`` the update is elementwise and piecewise linear in the output, with a per-pixel gain
+that depends on whether the predicted x0 is clipped (DDPM: 0, the posterior mean then ignores the output; DDIM:
+sqrt(1 - abar_prev), its direction term keeps the raw output). The per-channel regressions (tcec, tac) weight
+each pixel's squared error by its squared gain (``_output_gain``, measured with the scheduler's own ``step`` at
+the FP output), i.e. they minimise the error that reaches the next latent. Thresholding rescales by a per-sample
+percentile (not elementwise); only (1) applies there.
+
 Sequential fitting (default for tac and tcec-m1-fitted, optional for the others): at row i the quantized run is
 at x^_i produced by the compensation already fitted for rows < i, row i is fitted, and the sampler is stepped
 with the compensated output (float32 table values, same op order as the runtime head, so the calibration run is
@@ -172,9 +183,10 @@ class _RowFitter:
         return eps_fp.to(torch.float64) - (self.opts.g * A / B) * d
 
     def fit(
-        self, i: int, a: torch.Tensor, p: torch.Tensor, y: torch.Tensor
+        self, i: int, a: torch.Tensor, p: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (scale, prev, bias) float64 [C] for row i."""
+        """-> (scale, prev, bias) float64 [C] for row i. ``active``: per-pixel weights of the regressions (the
+        update's squared gain in the output, see the module docstring); None = all ones."""
         m, o, c = self.method, self.opts, self.c
         a64, p64, y64 = a.to(torch.float64), p.to(torch.float64), y.to(torch.float64)
         r = a64 - y64
@@ -199,6 +211,8 @@ class _RowFitter:
             feats.append(p64)
         if o.fit_bias:
             feats.append(one)
+        if active is not None:
+            weights = active if weights is None else weights * active
         coef = ridge_fit(feats, r, o.ridge, weights)
         K = coef[0]
         L = coef[1] if m == "tcec-m1-fitted" else zeros
@@ -209,6 +223,35 @@ class _RowFitter:
                 L = rho * self.prev_K
             self.prev_K = K.clone()
         return 1.0 - K, L, b
+
+
+def _linearized(scheduler: Any) -> tuple[Any, list[str]]:
+    """The scheduler without x0 clipping / thresholding (for its linear coefficients) and what was turned off."""
+    off = [k for k in ("clip_sample", "thresholding") if scheduler.config.get(k, False)]
+    if not off:
+        return scheduler, []
+    return type(scheduler).from_config(scheduler.config, **{k: False for k in off}), off
+
+
+def _output_gain(sched: Any, x: torch.Tensor, eps: torch.Tensor, t: Any, seed: int) -> torch.Tensor | None:
+    """Squared per-pixel gain of the update in the model output, |d x_prev / d eps|^2, from the scheduler's own
+    ``step`` (a finite difference, float64, identically seeded noise): the weights of the per-pixel squared errors
+    that reach the next latent. None without ``clip_sample`` (the update is then linear: uniform weights).
+    With clipping the update is elementwise and piecewise linear in eps, so the difference is exact away from the
+    clip boundary: DDPM's posterior mean ignores eps where x0 is clipped (gain 0); DDIM keeps eps in its direction
+    term there (gain sqrt(1 - abar_prev) instead of the linear B)."""
+    if not sched.config.get("clip_sample", False):
+        return None
+    h = 1e-6  # float64: small enough that only pixels within 1e-6 of the clip boundary see a partial gain
+    x64, eps64 = x.to(torch.float64), eps.to(torch.float64)
+
+    def step(out: torch.Tensor) -> torch.Tensor:
+        probe = copy.deepcopy(sched)  # step may advance a scheduler's internal counters
+        prev: torch.Tensor = probe.step(out, t, x64, **_step_kwargs(probe, seed, x.device)).prev_sample
+        return prev.to(torch.float64)
+
+    gain = (step(eps64 + h) - step(eps64)) / h
+    return gain * gain
 
 
 # ---- trajectories ------------------------------------------------------------------------------------------------
@@ -260,7 +303,8 @@ def fit_tables(
         raise UserError(f"bad fit option: {exc}") from None
     cond = dict(conditioning_kwargs or {})
     st_kwargs = dict(set_timesteps_kwargs or {})
-    coeffs = sampler_coefficients(scheduler, num_steps, **st_kwargs)
+    linear, linearized = _linearized(scheduler)
+    coeffs = sampler_coefficients(linear, num_steps, **st_kwargs)
     sequential = opts.resolved_sequential(method)
 
     s_fp, s_q = copy.deepcopy(scheduler), copy.deepcopy(scheduler)
@@ -285,7 +329,8 @@ def fit_tables(
             if a.shape != x_q.shape or a.shape[1] != c:
                 raise UserError(f"quant_denoiser returned shape {tuple(a.shape)}, expected {tuple(x_q.shape)}")
             y = fitter.target(i, eps_fp_same, x_q, x_fp)
-            sc, pv, bs = (v.to(torch.float32) for v in fitter.fit(i, a, p, y))
+            active = _output_gain(s_q, x_q, eps_fp_same, t, seed)
+            sc, pv, bs = (v.to(torch.float32) for v in fitter.fit(i, a, p, y, active))
             eps_hat = _apply_row(sc, pv, bs, a, p)
             rms_y = max(_rms(y), 1e-30)
             res_before.append(_rms(a.to(torch.float64) - y) / rms_y)
@@ -312,6 +357,7 @@ def fit_tables(
         "trajectory": "compensated" if sequential else "uncompensated",
         "sampler": coeffs.kind,
         "calibration_batch": int(latents.shape[0]),
+        "linearized": linearized,
     }
     tables = CompensationTables.from_rows(
         method, coeffs.timesteps, torch.stack(rows_s), torch.stack(rows_p), torch.stack(rows_b),
