@@ -17,6 +17,10 @@ TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
 TARGETS = ("onnxruntime", "tensorrt")
 PTQ_METHODS = ("rtn", "svdquant")
 WEIGHT_BLOCK_SIZES = (64, 128)
+TRT_FLOAT_TYPES = ("fp16", "bf16")
+# Build options that exist only for --target tensorrt: left out of an onnxruntime build's manifest, so the
+# onnxruntime forms and their manifests stay exactly what they were before these options existed.
+TRT_ONLY_KEYS = ("trt_float", "trt_version")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -48,6 +52,8 @@ class BuildConfig:
     comp_validate: bool = True
     target: str = "onnxruntime"
     trt_batch_range: tuple[int, int, int] = (1, 2, 8)
+    trt_float: str = "fp16"  # the network's float type for --target tensorrt (INT8/INT4 stay in Q/DQ)
+    trt_version: str = ""  # TensorRT version the rules are checked against; "" = the oldest the [gpu] extra allows
     parity_samples: int = 4
     ptq: str = "rtn"
     svdquant_rank: int = 32
@@ -79,8 +85,17 @@ class BuildConfig:
             raise UserError(f"--svdquant-rank must be >= 1, got {self.svdquant_rank}")
         if self.precision == "w4a4" and self.target == "tensorrt":
             raise UserError("w4a4 cannot target TensorRT: TensorRT has no 4-bit activation quantization (INT4 is "
-                            "weight-only there; W4A4 needs a custom plugin). Use --target onnxruntime, or w4a8 / "
-                            "w4a16 for TensorRT")
+                            "weight-only there; W4A4 needs a custom plugin). Use --target onnxruntime, or w4a16 "
+                            "for TensorRT")
+        if self.precision == "w4a8" and self.target == "tensorrt":
+            raise UserError("w4a8 cannot target TensorRT: TensorRT runs INT4 only as weight-only GEMMs in the "
+                            "activation's float type and has no INT4-weight x INT8-activation kernel; use --target "
+                            "onnxruntime, or w4a16 / w8a8 for TensorRT")
+        _check_choice("--trt-float", self.trt_float, TRT_FLOAT_TYPES)
+        if self.trt_version:
+            from .engines.trt_rules import parse_version
+
+            parse_version(self.trt_version)  # a UserError for a malformed or unsupported version
         if self.precision == "fp32" and self.compensation != "none":
             raise UserError("compensation needs a quantized precision; fp32 has no quantization error")
         object.__setattr__(self, "trt_batch_range", tuple(int(b) for b in self.trt_batch_range))
@@ -97,6 +112,9 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        if self.target != "tensorrt":
+            for key in TRT_ONLY_KEYS:
+                del d[key]
         return d
 
     @classmethod

@@ -14,7 +14,7 @@ from .calibrate import run_calibration
 from .config import BuildConfig
 from .loading import LoadedModel
 from .passes.annotate import QuantizationPlan
-from .passes.int4 import Int4Options, insert_recorders, quantize_int4, remove_recorders, select_layers, \
+from .passes.int4 import _LINEAR, Int4Options, _weight_value, compute_layers, insert_recorders, quantize_int4, remove_recorders, select_layers, \
     weight_bytes_by_dtype
 from .passes.qdq import insert_observers, materialize_qdq
 from .passes.svdquant import HOLDER, SvdQuantOptions, svdquant
@@ -23,20 +23,40 @@ RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip sear
 ACTIVATION_GROUP = 64
 
 
-def deployability(precision: str) -> tuple[list[str], str]:
+def deployability(precision: str, target: str = "onnxruntime") -> tuple[list[str], str]:
     if precision == "w4a4":
         return ["onnxruntime"], ("INT4 activations (W4A4) cannot be expressed in TensorRT (INT4 is weight-only "
                                  "there); this model runs on ONNX Runtime")
-    if precision in ("w4a16", "w4a8"):
-        return ["onnxruntime", "tensorrt"], ("TensorRT: passes the explicit-quantization rules R1-R7; INT4 weight-only "
-                                             "is documented by TensorRT for MatMul/Gemm, Conv INT4 (DQ->Reshape->Conv) "
-                                             "is unverified without a TensorRT build")
+    if precision == "w4a8":
+        return ["onnxruntime"], ("TensorRT has no INT4-weight x INT8-activation kernel (INT4 is weight-only GEMM "
+                                 "there); this model runs on ONNX Runtime")
+    if precision == "w4a16" and target != "tensorrt":
+        return ["onnxruntime"], ("this form has INT4 convolutions and ragged blocks, which TensorRT rejects (INT4 "
+                                 "only on GEMM weights, block dividing K); build with --target tensorrt")
+    if precision == "w4a16":
+        return ["onnxruntime", "tensorrt"], ("TensorRT form: INT4 blocked weights on Linear layers whose input size "
+                                             "the block divides; convolutions and other Linear layers in float")
     return ["onnxruntime", "tensorrt"], ""
+
+
+def tensorrt_int4_layers(gm: torch.fx.GraphModule, layers: list[str], block_size: int) -> tuple[list[str], list[str]]:
+    """(INT4 layers, layers left float) for TensorRT: INT4 weight-only runs on GEMMs only (MatMul/Gemm), with a
+    block size that divides the input size K (no ragged last block). Convolutions stay float."""
+    wanted, keep, float_ = set(layers), [], []
+    for name, node in compute_layers(gm):
+        if name not in wanted:
+            continue
+        in_features = int(_weight_value(gm, node.args[1]).shape[-1]) if node.target == _LINEAR else 0
+        (keep if node.target == _LINEAR and in_features % block_size == 0 else float_).append(name)
+    return keep, float_
 
 
 def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: BuildConfig, plan: QuantizationPlan,
                      info: dict[str, Any], timer: Any, progress: bool = False) -> torch.fx.GraphModule:
     quantized, kept = select_layers(gm, plan.float_layers, plan.include)
+    if config.target == "tensorrt":
+        quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.weight_block_size)
+        kept += not_gemm
     info["quantized_layers"], info["float_layers"] = quantized, kept
     calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
     with timer.stage("record_activations"):
@@ -70,8 +90,8 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     return result.module
 
 
-def weight_summary(gm: torch.nn.Module, precision: str) -> dict[str, Any]:
-    deployable, note = deployability(precision)
+def weight_summary(gm: torch.nn.Module, precision: str, target: str = "onnxruntime") -> dict[str, Any]:
+    deployable, note = deployability(precision, target)
     out: dict[str, Any] = {"weight_bytes_by_dtype": weight_bytes_by_dtype(gm), "deployable_on": deployable}
     if note:
         out["deployability_note"] = note
