@@ -47,13 +47,15 @@ def _to_dtype(graph: ir.Graph, node: ir.Node, index: int, dtype: ir.DataType) ->
         producer = source.producer()
         assert producer is not None
         array = producer.attributes["value"].as_tensor().numpy()
-    converted = ir.Value(name=f"{node.name}_scale_{dtype.name.lower()}", shape=ir.Shape(array.shape),
-                         type=ir.TensorType(dtype),
-                         const_value=ir.Tensor(np.asarray(array, dtype=_NUMPY.get(dtype, np.float32))
-                                               if dtype in _NUMPY else array, name=None))
     if dtype == ir.DataType.BFLOAT16:
-        converted.const_value = ir.tensor(array.astype(np.float32), dtype=ir.DataType.BFLOAT16)
-    converted.const_value.name = converted.name  # type: ignore[union-attr]
+        import ml_dtypes  # onnx_ir's bfloat16 arrays
+
+        typed = np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    else:
+        typed = np.asarray(array, dtype=_NUMPY[dtype])
+    name = f"{node.name}_scale_{dtype.name.lower()}"
+    converted = ir.Value(name=name, shape=ir.Shape(typed.shape), type=ir.TensorType(dtype),
+                         const_value=ir.Tensor(typed, name=name))
     graph.register_initializer(converted)
     node.replace_input_with(index, converted)
     return True
