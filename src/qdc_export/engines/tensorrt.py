@@ -299,6 +299,8 @@ def build_engine(
         # layers left in FP32 (the timestep embedding, an FP32-form build) may use TF32 tensor cores;
         # Polygraphy's default is off. Allowed in strongly typed networks (only precision flags are not).
         tf32=True,
+        # per-layer precisions in the engine inspector (scripts/gpu_smoke.sh counts INT8/INT4 layers)
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         builder_optimization_level=config.builder_optimization_level,
         memory_pool_limits=pools,
         load_timing_cache=cache if cache and os.path.exists(cache) else None,
