@@ -88,6 +88,7 @@ def test_w4a16_tensorrt_form_has_int4_only_on_gemms_with_fp16_scales(build_facto
     violations = check_tensorrt_compatibility(proto)
     assert violations == [], [str(v) for v in violations[:5]]
     inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
     users: dict[str, list[str]] = {}
     for node in proto.graph.node:
         for name in node.input:
@@ -101,7 +102,24 @@ def test_w4a16_tensorrt_form_has_int4_only_on_gemms_with_fp16_scales(build_facto
         assert dict((a.name, a.i) for a in node.attribute)["block_size"] in (64, 128)
     manifest = read_manifest(result.out)
     assert manifest["quantization"]["deployable_on"] == ["onnxruntime", "tensorrt"]
-    assert all(".conv" not in name and "conv_" not in name for name in manifest["quantization"]["quantized_layers"])
+    # convolutions: W8A8 by default (INT8 per-channel weight DQ and per-tensor INT8 input Q/DQ, FP16 scales)
+    conv_weights = [producers[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"
+                    and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"]
+    assert conv_weights and all(inits[dq.input[0]].data_type == onnx.TensorProto.INT8 for dq in conv_weights)
+    int4_layers = next(p for p in manifest["quantization"]["passes"] if p["name"] == "quantize_int4")["layers"]
+    int8_layers = manifest["quantization"]["int8_layers"]
+    assert int8_layers and not set(int8_layers) & set(int4_layers)
+    assert len(conv_weights) >= len(int8_layers)  # every INT8 layer is a Conv with an INT8 weight DQ
+    assert manifest["build"]["trt_conv"] == "int8"
+
+
+def test_w4a16_tensorrt_form_can_leave_convolutions_float(build_factory):
+    proto = onnx.load(str(build_factory("tiny-sd", "w4a16", target="tensorrt", trt_conv="float").out / "model.onnx"))
+    assert check_tensorrt_compatibility(proto) == []
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs and not any(producers.get(n.input[1]) is not None
+                             and producers[n.input[1]].op_type == "DequantizeLinear" for n in convs)
 
 
 def test_w4a4_reports_reference_self_sensitivity_without_changing_passed(build_factory):

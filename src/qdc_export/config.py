@@ -20,7 +20,8 @@ WEIGHT_BLOCK_SIZES = (64, 128)
 TRT_FLOAT_TYPES = ("fp16", "bf16")
 # Build options that exist only for --target tensorrt: left out of an onnxruntime build's manifest, so the
 # onnxruntime forms and their manifests stay exactly what they were before these options existed.
-TRT_ONLY_KEYS = ("trt_float", "trt_version")
+TRT_CONV_MODES = ("int8", "float")  # convolutions of a TensorRT W4A16 build (INT4 runs only in GEMMs there)
+TRT_ONLY_KEYS = ("trt_float", "trt_version", "trt_conv")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -54,6 +55,7 @@ class BuildConfig:
     trt_batch_range: tuple[int, int, int] = (1, 2, 8)
     trt_float: str = "fp16"  # the network's float type for --target tensorrt (INT8/INT4 stay in Q/DQ)
     trt_version: str = ""  # TensorRT version the rules are checked against; "" = the oldest the [gpu] extra allows
+    trt_conv: str = "int8"  # W4A16 --target tensorrt: convolutions W8A8 (INT8 Q/DQ) or left in the float type
     parity_samples: int = 4
     ptq: str = "rtn"
     svdquant_rank: int = 32
@@ -92,6 +94,7 @@ class BuildConfig:
                             "activation's float type and has no INT4-weight x INT8-activation kernel; use --target "
                             "onnxruntime, or w4a16 / w8a8 for TensorRT")
         _check_choice("--trt-float", self.trt_float, TRT_FLOAT_TYPES)
+        _check_choice("--trt-conv", self.trt_conv, TRT_CONV_MODES)
         if self.trt_float == "bf16":  # measured: onnx.checker rejects Conv(tensor(bfloat16)) at opset 21
             raise UserError("--trt-float bf16 is not available yet: ONNX Conv accepts bfloat16 only from opset 22 and "
                             "this exporter writes opset 21; use fp16")

@@ -6,6 +6,7 @@ activations]."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .calibrate import run_calibration
 from .config import BuildConfig
 from .loading import LoadedModel
 from .passes.annotate import QuantizationPlan
-from .passes.int4 import _LINEAR, Int4Options, _weight_value, compute_layers, insert_recorders, quantize_int4, remove_recorders, select_layers, \
+from .passes.int4 import _CONV, _LINEAR, Int4Options, _weight_value, compute_layers, insert_recorders, quantize_int4, remove_recorders, select_layers, \
     weight_bytes_by_dtype
 from .passes.qdq import insert_observers, materialize_qdq
 from .passes.svdquant import HOLDER, SvdQuantOptions, svdquant
@@ -35,7 +36,8 @@ def deployability(precision: str, target: str = "onnxruntime") -> tuple[list[str
                                  "only on GEMM weights, block dividing K); build with --target tensorrt")
     if precision == "w4a16":
         return ["onnxruntime", "tensorrt"], ("TensorRT form: INT4 blocked weights on Linear layers whose input size "
-                                             "the block divides; convolutions and other Linear layers in float")
+                                             "the block divides; convolutions INT8 (W8A8) or float (--trt-conv); "
+                                             "other Linear layers float")
     return ["onnxruntime", "tensorrt"], ""
 
 
@@ -54,10 +56,15 @@ def tensorrt_int4_layers(gm: torch.fx.GraphModule, layers: list[str], block_size
 def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: BuildConfig, plan: QuantizationPlan,
                      info: dict[str, Any], timer: Any, progress: bool = False) -> torch.fx.GraphModule:
     quantized, kept = select_layers(gm, plan.float_layers, plan.include)
+    int8_convs: list[str] = []
     if config.target == "tensorrt":
         quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.weight_block_size)
-        kept += not_gemm
-    info["quantized_layers"], info["float_layers"] = quantized, kept
+        convs = {name for name, node in compute_layers(gm) if node.target == _CONV}
+        int8_convs = [n for n in not_gemm if n in convs] if config.trt_conv == "int8" else []
+        kept += [n for n in not_gemm if n not in int8_convs]
+    info["quantized_layers"], info["float_layers"] = quantized + int8_convs, kept
+    if int8_convs:
+        info["int8_layers"] = int8_convs
     calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
     with timer.stage("record_activations"):
         rec = insert_recorders(gm, quantized)
@@ -76,6 +83,19 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
             observed, _ = insert_observers(gm, plan)
         info["passes"].append({"name": "insert_observers", "modified": observed.modified,
                                "observers": observed.details["observers"]})
+        with timer.stage("calibrate"):
+            run_calibration(observed.module, **calib, samples=config.calib_samples)
+        with timer.stage("materialize_qdq"):
+            converted = materialize_qdq(observed.module)
+        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
+        gm = converted.module
+    if int8_convs:  # TensorRT W4A16: the convolutions as W8A8 (INT8 Q/DQ through PT2E), nothing else
+        others = tuple(name for name, _ in compute_layers(gm) if name not in int8_convs)
+        conv_plan = dataclasses.replace(plan, weight_bits=8, activation_bits=8, float_layers=others, include=())
+        with timer.stage("insert_observers"):
+            observed, _ = insert_observers(gm, conv_plan)
+        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
+                               "observers": observed.details["observers"], "layers": "int8 convolutions"})
         with timer.stage("calibrate"):
             run_calibration(observed.module, **calib, samples=config.calib_samples)
         with timer.stage("materialize_qdq"):
