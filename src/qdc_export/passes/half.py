@@ -24,7 +24,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx
 
@@ -156,7 +155,3 @@ def to_half(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], input_n
     return PassResult(gm, True, {"dtype": str(dtype).removeprefix("torch."), "converted_tensors": state,
                                  "dequantize_retyped": dequantize, "dtype_asserts_removed": len(asserts), "input_casts": input_casts,
                                  "mixed_dtype_casts": resolver.casts})
-
-
-def half_numpy_dtype(dtype: torch.dtype) -> Any:
-    return np.float16 if dtype == torch.float16 else np.float32
