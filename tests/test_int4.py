@@ -59,12 +59,51 @@ def test_int4_onnx_has_packed_int4_weights_and_no_custom_ops(build_factory, mode
 
 
 @pytest.mark.parametrize("model,precision", [("tiny-sd", "w4a16"), ("tiny-sd", "w4a8")])
-def test_weight_only_int4_follows_tensorrt_rules(build_factory, model, precision):
+def test_onnxruntime_int4_forms_are_not_tensorrt_forms(build_factory, model, precision):
+    """The onnxruntime form keeps INT4 convolutions (DQ -> Reshape -> Conv): TensorRT runs INT4 only in GEMMs."""
     proto = onnx.load(str(build_factory(model, precision).out / "model.onnx"))
+    assert "R8" in {v.rule for v in check_tensorrt_compatibility(proto)}
+    assert read_manifest(build_factory(model, precision).out)["quantization"]["deployable_on"] == ["onnxruntime"]
+
+
+def test_w4a16_tensorrt_form_has_int4_only_on_gemms_with_fp16_scales(build_factory):
+    result = build_factory("tiny-sd", "w4a16", target="tensorrt")
+    proto = onnx.load(str(result.out / "model.onnx"))
     violations = check_tensorrt_compatibility(proto)
     assert violations == [], [str(v) for v in violations[:5]]
-    assert read_manifest(build_factory(model, precision).out)["quantization"]["deployable_on"] == \
-        ["onnxruntime", "tensorrt"]
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    users: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.op_type)
+    int4 = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+            and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == onnx.TensorProto.INT4]
+    assert int4, "no INT4 weights in the TensorRT W4A16 form"
+    for node in int4:
+        assert set(users[node.output[0]]) <= {"MatMul", "Gemm"}, (node.name, users[node.output[0]])
+        assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16
+        assert dict((a.name, a.i) for a in node.attribute)["block_size"] in (64, 128)
+    manifest = read_manifest(result.out)
+    assert manifest["quantization"]["deployable_on"] == ["onnxruntime", "tensorrt"]
+    # convolutions: W8A8 by default (INT8 per-channel weight DQ and per-tensor INT8 input Q/DQ, FP16 scales)
+    conv_weights = [producers[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"
+                    and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"]
+    assert conv_weights and all(inits[dq.input[0]].data_type == onnx.TensorProto.INT8 for dq in conv_weights)
+    int4_layers = next(p for p in manifest["quantization"]["passes"] if p["name"] == "quantize_int4")["layers"]
+    int8_layers = manifest["quantization"]["int8_layers"]
+    assert int8_layers and not set(int8_layers) & set(int4_layers)
+    assert len(conv_weights) >= len(int8_layers)  # every INT8 layer is a Conv with an INT8 weight DQ
+    assert manifest["build"]["trt_conv"] == "int8"
+
+
+def test_w4a16_tensorrt_form_can_leave_convolutions_float(build_factory):
+    proto = onnx.load(str(build_factory("tiny-sd", "w4a16", target="tensorrt", trt_conv="float").out / "model.onnx"))
+    assert check_tensorrt_compatibility(proto) == []
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs and not any(producers.get(n.input[1]) is not None
+                             and producers[n.input[1]].op_type == "DequantizeLinear" for n in convs)
 
 
 def test_quantized_parity_measures_the_reference_noise_floor(build_factory):

@@ -27,6 +27,7 @@ from .manifest import canonical_json, package_versions, write_manifest
 from .passes.annotate import QuantizationPlan
 from .passes.cleanup import remove_inference_noops, remove_unused_weights, sink_weight_computations
 from .passes.fold_compensation import fold_compensation
+from .passes.half import HALF_DTYPES, to_half
 from .passes.qdq import insert_observers, materialize_qdq
 from .plugins.base import COMP_STATE, COMP_STATE_OUT
 from .reproducible import save_program
@@ -104,7 +105,7 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
             converted = materialize_qdq(observed.module)
         info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
         gm = converted.module
-    info.update(weight_summary(gm, config.precision))
+    info.update(weight_summary(gm, config.precision, config.target))
     return gm, example, info
 
 
@@ -180,11 +181,17 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         info["passes"].append({"name": "remove_unused_weights", "modified": unused.modified, **unused.details})
         sunk = sink_weight_computations(gm)  # the reference graph then holds one dequantized weight at a time
         info["passes"].append({"name": "sink_weight_computations", "modified": sunk.modified, **sunk.details})
+        half = config.trt_float if config.target == "tensorrt" else None
+        if half is not None:  # TensorRT's form: an FP16/BF16 network; reference.pt2 is this same graph
+            halved = to_half(gm, example, input_names, HALF_DTYPES[half])
+            info["passes"].append({"name": "to_half", "modified": halved.modified, **halved.details})
         with timer.stage("export_onnx"):
-            export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names)
+            export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names,
+                        half=half)
         if config.target == "tensorrt":
             with timer.stage("tensorrt"):
-                deploy = prepare_tensorrt(staging, io, MODEL_FILE, config.trt_batch_range)
+                deploy = prepare_tensorrt(staging, io, MODEL_FILE, config.trt_batch_range, config.trt_version,
+                                          half)
         else:
             deploy = {}
         with timer.stage("save_reference"):

@@ -100,6 +100,12 @@ def main() -> None:
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--trt-batch-range", default="1:2:8", show_default=True,
               help="TensorRT optimization profile batch MIN:OPT:MAX (--target tensorrt)")
+@click.option("--trt-float", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True,
+              help="float type of the TensorRT network (--target tensorrt); INT8/INT4 stay in Q/DQ")
+@click.option("--trt-conv", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
+              help="convolutions of a W4A16 TensorRT build (INT4 runs only in GEMMs in TensorRT)")
+@click.option("--trt-version", default="", help="TensorRT version to check the rules against "
+              "(--target tensorrt; default: the oldest the [gpu] extra installs)")
 @click.option("--parity-samples", type=int, default=4, show_default=True)
 @click.option("--ptq", type=click.Choice(["rtn", "svdquant"]), default="rtn", show_default=True, help="INT4 PTQ method (svdquant: w4a4/w4a8)")
 @click.option("--svdquant-rank", type=int, default=32, show_default=True, help="rank of SVDQuant's low-rank branch")
@@ -112,7 +118,7 @@ def main() -> None:
 @_user_errors
 def build(model, precision, scheduler, scheduler_config, scheduler_override, steps, calib_samples, observer, percentile, quantize_attention, include,
           exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, comp_validate, target, trt_batch_range,
-          parity_samples, ptq, svdquant_rank, seed, out, force, no_check, distributed) -> None:
+          trt_float, trt_conv, trt_version, parity_samples, ptq, svdquant_rank, seed, out, force, no_check, distributed) -> None:
     """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
     from .build import build as run_build
     from .check import summarize
@@ -123,7 +129,8 @@ def build(model, precision, scheduler, scheduler_config, scheduler_override, ste
                          include=include, exclude=exclude, compensation=compensation, tcec_variant=tcec_variant,
                          comp_fit_bias=comp_fit_bias, comp_target=comp_target, comp_ridge=comp_ridge,
                          comp_validate=comp_validate, target=target,
-                         trt_batch_range=_parse_range(trt_batch_range), parity_samples=parity_samples, seed=seed,
+                         trt_batch_range=_parse_range(trt_batch_range), trt_float=trt_float,
+                         trt_conv=trt_conv, trt_version=trt_version, parity_samples=parity_samples, seed=seed,
                          ptq=ptq, svdquant_rank=svdquant_rank,
                          scheduler_overrides=_parse_overrides(scheduler_override))
     if distributed:  # under torchrun: see qdc_export.distributed

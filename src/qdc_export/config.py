@@ -22,6 +22,11 @@ WEIGHT_BLOCK_SIZES = (64, 128)
 # blocks are --seed + 7 and + 13), parity seeds 50 000 + i, evaluation seeds 0..N-1.
 MAX_CALIB_SAMPLES = 1000
 MAX_PARITY_SAMPLES = 1000
+TRT_FLOAT_TYPES = ("fp16", "bf16")
+# Build options that exist only for --target tensorrt: left out of an onnxruntime build's manifest, so the
+# onnxruntime forms and their manifests stay exactly what they were before these options existed.
+TRT_CONV_MODES = ("int8", "float")  # convolutions of a TensorRT W4A16 build (INT4 runs only in GEMMs there)
+TRT_ONLY_KEYS = ("trt_float", "trt_version", "trt_conv")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -53,6 +58,9 @@ class BuildConfig:
     comp_validate: bool = True
     target: str = "onnxruntime"
     trt_batch_range: tuple[int, int, int] = (1, 2, 8)
+    trt_float: str = "fp16"  # the network's float type for --target tensorrt (INT8/INT4 stay in Q/DQ)
+    trt_version: str = ""  # TensorRT version the rules are checked against; "" = the oldest the [gpu] extra allows
+    trt_conv: str = "int8"  # W4A16 --target tensorrt: convolutions W8A8 (INT8 Q/DQ) or left in the float type
     parity_samples: int = 4
     ptq: str = "rtn"
     svdquant_rank: int = 32
@@ -89,8 +97,21 @@ class BuildConfig:
             raise UserError(f"--svdquant-rank must be >= 1, got {self.svdquant_rank}")
         if self.precision == "w4a4" and self.target == "tensorrt":
             raise UserError("w4a4 cannot target TensorRT: TensorRT has no 4-bit activation quantization (INT4 is "
-                            "weight-only there; W4A4 needs a custom plugin). Use --target onnxruntime, or w4a8 / "
-                            "w4a16 for TensorRT")
+                            "weight-only there; W4A4 needs a custom plugin). Use --target onnxruntime, or w4a16 "
+                            "for TensorRT")
+        if self.precision == "w4a8" and self.target == "tensorrt":
+            raise UserError("w4a8 cannot target TensorRT: TensorRT runs INT4 only as weight-only GEMMs in the "
+                            "activation's float type and has no INT4-weight x INT8-activation kernel; use --target "
+                            "onnxruntime, or w4a16 / w8a8 for TensorRT")
+        _check_choice("--trt-float", self.trt_float, TRT_FLOAT_TYPES)
+        _check_choice("--trt-conv", self.trt_conv, TRT_CONV_MODES)
+        if self.trt_float == "bf16":  # measured: onnx.checker rejects Conv(tensor(bfloat16)) at opset 21
+            raise UserError("--trt-float bf16 is not available yet: ONNX Conv accepts bfloat16 only from opset 22 and "
+                            "this exporter writes opset 21; use fp16")
+        if self.trt_version:
+            from .engines.trt_rules import parse_version
+
+            parse_version(self.trt_version)  # a UserError for a malformed or unsupported version
         if self.precision == "fp32" and self.compensation != "none":
             raise UserError("compensation needs a quantized precision; fp32 has no quantization error")
         object.__setattr__(self, "trt_batch_range", tuple(int(b) for b in self.trt_batch_range))
@@ -108,6 +129,9 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        if self.target != "tensorrt":
+            for key in TRT_ONLY_KEYS:
+                del d[key]
         return d
 
     @classmethod

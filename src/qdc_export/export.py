@@ -54,7 +54,9 @@ def strip_exporter_metadata(model) -> None:
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, *,
-                input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+                input_names: list[str], output_names: list[str], half: str | None = None) -> onnx.ModelProto:
+    """``half`` ("fp16" / "bf16"): the module computes in that type (:mod:`qdc_export.passes.half`);
+    its Q/DQ scales are stored in it (:mod:`qdc_export.passes.onnx_half`)."""
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} for _ in example)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -67,6 +69,12 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     assert program is not None
     strip_exporter_metadata(program.model)
     fold_weight_transposes(program.model)  # DQ -> Transpose -> MatMul would be constant-folded to FP32 by runtimes
+    if half is not None:
+        import onnx_ir as ir
+
+        from .passes.onnx_half import retype_qdq_scales
+
+        retype_qdq_scales(program.model, {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[half])
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     has_int4 = any(n.op == "call_function" and str(n.target).startswith("qdc.")
                    for n in getattr(module, "graph", torch.fx.Graph()).nodes)

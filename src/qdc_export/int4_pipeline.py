@@ -6,6 +6,7 @@ activations]."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .calibrate import run_calibration
 from .config import BuildConfig
 from .loading import LoadedModel
 from .passes.annotate import QuantizationPlan
-from .passes.int4 import Int4Options, insert_recorders, quantize_int4, remove_recorders, select_layers, \
+from .passes.int4 import _CONV, _LINEAR, Int4Options, _weight_value, compute_layers, insert_recorders, quantize_int4, remove_recorders, select_layers, \
     weight_bytes_by_dtype
 from .passes.qdq import insert_observers, materialize_qdq
 from .passes.svdquant import HOLDER, SvdQuantOptions, svdquant
@@ -23,21 +24,47 @@ RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip sear
 ACTIVATION_GROUP = 64
 
 
-def deployability(precision: str) -> tuple[list[str], str]:
+def deployability(precision: str, target: str = "onnxruntime") -> tuple[list[str], str]:
     if precision == "w4a4":
         return ["onnxruntime"], ("INT4 activations (W4A4) cannot be expressed in TensorRT (INT4 is weight-only "
                                  "there); this model runs on ONNX Runtime")
-    if precision in ("w4a16", "w4a8"):
-        return ["onnxruntime", "tensorrt"], ("TensorRT: passes the explicit-quantization rules R1-R7; INT4 weight-only "
-                                             "is documented by TensorRT for MatMul/Gemm, Conv INT4 (DQ->Reshape->Conv) "
-                                             "is unverified without a TensorRT build")
+    if precision == "w4a8":
+        return ["onnxruntime"], ("TensorRT has no INT4-weight x INT8-activation kernel (INT4 is weight-only GEMM "
+                                 "there); this model runs on ONNX Runtime")
+    if precision == "w4a16" and target != "tensorrt":
+        return ["onnxruntime"], ("this form has INT4 convolutions and ragged blocks, which TensorRT rejects (INT4 "
+                                 "only on GEMM weights, block dividing K); build with --target tensorrt")
+    if precision == "w4a16":
+        return ["onnxruntime", "tensorrt"], ("TensorRT form: INT4 blocked weights on Linear layers whose input size "
+                                             "the block divides; convolutions INT8 (W8A8) or float (--trt-conv); "
+                                             "other Linear layers float")
     return ["onnxruntime", "tensorrt"], ""
+
+
+def tensorrt_int4_layers(gm: torch.fx.GraphModule, layers: list[str], block_size: int) -> tuple[list[str], list[str]]:
+    """(INT4 layers, layers left float) for TensorRT: INT4 weight-only runs on GEMMs only (MatMul/Gemm), with a
+    block size that divides the input size K (no ragged last block). Convolutions stay float."""
+    wanted, keep, float_ = set(layers), [], []
+    for name, node in compute_layers(gm):
+        if name not in wanted:
+            continue
+        in_features = int(_weight_value(gm, node.args[1]).shape[-1]) if node.target == _LINEAR else 0
+        (keep if node.target == _LINEAR and in_features % block_size == 0 else float_).append(name)
+    return keep, float_
 
 
 def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: BuildConfig, plan: QuantizationPlan,
                      info: dict[str, Any], timer: Any, progress: bool = False) -> torch.fx.GraphModule:
     quantized, kept = select_layers(gm, plan.float_layers, plan.include)
-    info["quantized_layers"], info["float_layers"] = quantized, kept
+    int8_convs: list[str] = []
+    if config.target == "tensorrt":
+        quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.weight_block_size)
+        convs = {name for name, node in compute_layers(gm) if node.target == _CONV}
+        int8_convs = [n for n in not_gemm if n in convs] if config.trt_conv == "int8" else []
+        kept += [n for n in not_gemm if n not in int8_convs]
+    info["quantized_layers"], info["float_layers"] = quantized + int8_convs, kept
+    if int8_convs:
+        info["int8_layers"] = int8_convs
     calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
     with timer.stage("record_activations"):
         rec = insert_recorders(gm, quantized)
@@ -62,6 +89,19 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
             converted = materialize_qdq(observed.module)
         info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
         gm = converted.module
+    if int8_convs:  # TensorRT W4A16: the convolutions as W8A8 (INT8 Q/DQ through PT2E), nothing else
+        others = tuple(name for name, _ in compute_layers(gm) if name not in int8_convs)
+        conv_plan = dataclasses.replace(plan, weight_bits=8, activation_bits=8, float_layers=others, include=())
+        with timer.stage("insert_observers"):
+            observed, _ = insert_observers(gm, conv_plan)
+        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
+                               "observers": observed.details["observers"], "layers": "int8 convolutions"})
+        with timer.stage("calibrate"):
+            run_calibration(observed.module, **calib, samples=config.calib_samples)
+        with timer.stage("materialize_qdq"):
+            converted = materialize_qdq(observed.module)
+        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
+        gm = converted.module
     options4 = Int4Options(block_size=config.weight_block_size,
                            activation_group=ACTIVATION_GROUP if config.precision == "w4a4" else None)
     with timer.stage("quantize_int4"):
@@ -70,8 +110,8 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     return result.module
 
 
-def weight_summary(gm: torch.nn.Module, precision: str) -> dict[str, Any]:
-    deployable, note = deployability(precision)
+def weight_summary(gm: torch.nn.Module, precision: str, target: str = "onnxruntime") -> dict[str, Any]:
+    deployable, note = deployability(precision, target)
     out: dict[str, Any] = {"weight_bytes_by_dtype": weight_bytes_by_dtype(gm), "deployable_on": deployable}
     if note:
         out["deployability_note"] = note

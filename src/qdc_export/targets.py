@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 
 from .engines.tensorrt import TensorRTBuildConfig, build_engine, profiles_from_build_options, tensorrt_available
-from .engines.trt_rules import assert_tensorrt_compatible
+from .engines.trt_rules import OLDEST_SUPPORTED, assert_tensorrt_compatible
 from .manifest import canonical_json
 
 TRT_BUILD_FILE = "tensorrt_build.json"
@@ -18,18 +18,19 @@ TRT_ENGINE_FILE = "model.engine"
 TRT_TIMING_CACHE = "timing.cache"
 
 
-def prepare_tensorrt(folder: Path, io: dict[str, Any], onnx_file: str,
-                     batch_range: tuple[int, int, int]) -> dict[str, Any]:
+def prepare_tensorrt(folder: Path, io: dict[str, Any], onnx_file: str, batch_range: tuple[int, int, int],
+                     trt_version: str = "", half: str | None = None) -> dict[str, Any]:
     model = onnx.load(str(folder / onnx_file), load_external_data=False)
-    assert_tensorrt_compatible(model)  # TensorRTCompatibilityError (a user error) names the nodes
+    version = trt_version or OLDEST_SUPPORTED
+    assert_tensorrt_compatible(model, version=version)  # TensorRTCompatibilityError (a user error) names the nodes
     specs = {i["name"]: i["shape"] for i in io["inputs"]}
     shapes = profiles_from_build_options(specs, batch_range, (1, 1, 1))  # H, W are fixed in the export
     relative = TensorRTBuildConfig(shapes=shapes, timing_cache_path=TRT_TIMING_CACHE)
     (folder / TRT_BUILD_FILE).write_text(canonical_json(relative.to_dict()))
     available, reason = tensorrt_available()
     description: dict[str, Any] = {
-        "rules_passed": True, "build_config": TRT_BUILD_FILE, "batch_range": list(batch_range),
-        "strongly_typed": True, "engine": None,
+        "rules_passed": True, "rules_version": version, "build_config": TRT_BUILD_FILE,
+        "batch_range": list(batch_range), "strongly_typed": True, "network_float": half or "fp32", "engine": None,
     }
     if available:
         absolute = TensorRTBuildConfig(shapes=shapes, timing_cache_path=str(folder / TRT_TIMING_CACHE))

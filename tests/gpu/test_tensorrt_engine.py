@@ -133,3 +133,34 @@ def test_tensorrt_engine_infer_dynamic_shapes(built):
             assert y.shape == ref.shape and snr >= SNR_DB_MIN
         with pytest.raises(UserError, match="outside the engine's profile"):
             engine.infer({"x": np.zeros((8, 3, 8, 8), np.float32)})
+
+
+def test_engine_runner_feeds_tensorrt_with_its_metadata(built):
+    """EngineRunner over TensorRTEngine: the Comparator gets the engine's own input metadata and timings."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SnrCompareFunc
+
+    from qdc_export.goldens import EngineRunner
+
+    onnx_path, engine_path, _ = built
+    feeds = [{"x": np.random.default_rng(7).standard_normal((2, 3, 16, 16)).astype(np.float32)}]
+    with TensorRTEngine(engine_path) as engine:
+        runner = EngineRunner(engine, name="tensorrt")
+        results = Comparator.run([runner, OnnxrtRunner(SessionFromOnnx(str(onnx_path)), name="ort")],
+                                 data_loader=feeds)
+        assert runner.last_inference_time() is not None and runner.last_inference_time() > 0
+    assert bool(Comparator.compare_accuracy(results, compare_func=SnrCompareFunc(snr_threshold=SNR_DB_MIN)))
+
+
+def test_check_against_goldens_with_the_tensorrt_backend(build_factory, tmp_path):
+    """`check --backend tensorrt --against goldens.json` on the FP16 TensorRT form of a bundled model."""
+    from qdc_export.checking import check_against, check_build
+
+    result = build_factory(str(__import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "digits-uncond"),
+                           "w8a8", target="tensorrt")
+    assert (result.out / "model.engine").is_file()
+    goldens = tmp_path / "goldens.json"
+    check_build(result.out, save_goldens_to=goldens)
+    report = check_against(result.out, goldens, backend="tensorrt")
+    assert report["passed"], report["worst"]

@@ -120,7 +120,15 @@ def create_session(
         model = onnx.load(path, load_external_data=False)
         source = path
     options, providers = make_session_options(model, provider=provider, optimization=optimization)
+    chosen: list[Any] = list(providers)
+    folder = None if isinstance(model_path_or_proto, onnx.ModelProto) else os.path.dirname(os.fspath(source))
+    if providers[0] == PROVIDERS["tensorrt"] and folder and os.path.isfile(os.path.join(folder, "manifest.json")):
+        from pathlib import Path
+
+        from .ort_tensorrt import tensorrt_provider_options
+
+        chosen[0] = (providers[0], tensorrt_provider_options(Path(folder)))
     # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights
     # and attention scores of each run): without it RSS stays flat (benchmarks/results/scale.md).
     options.enable_cpu_mem_arena = cpu_mem_arena
-    return ort.InferenceSession(source, options, providers=providers)
+    return ort.InferenceSession(source, options, providers=chosen)

@@ -296,6 +296,11 @@ def build_engine(
     cache = config.timing_cache_path
     create_config = CreateConfig(
         profiles=[profile],
+        # layers left in FP32 (the timestep embedding, an FP32-form build) may use TF32 tensor cores;
+        # Polygraphy's default is off. Allowed in strongly typed networks (only precision flags are not).
+        tf32=True,
+        # per-layer precisions in the engine inspector (scripts/gpu_smoke.sh counts INT8/INT4 layers)
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         builder_optimization_level=config.builder_optimization_level,
         memory_pool_limits=pools,
         load_timing_cache=cache if cache and os.path.exists(cache) else None,
@@ -313,6 +318,7 @@ def build_engine(
         "onnx": str(onnx_file.resolve()),
         "tensorrt_version": str(trt.__version__),
         "strongly_typed_flag": _network_flags() != 0,
+        "tf32": True,
         "config": config.to_dict(),
     }
     _write_atomically(engine_file.with_name(engine_file.name + ".json"), json.dumps(record, indent=2).encode())
@@ -339,6 +345,7 @@ class TensorRTEngine:
         self._engine: trt.ICudaEngine | None = None
         self._context: trt.IExecutionContext | None = None
         self._runtime: trt.Runtime | None = None
+        self._stream: torch.cuda.Stream | None = None
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
@@ -377,7 +384,28 @@ class TensorRTEngine:
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
 
+        import torch
+
+        # inference gets its own stream: execute_async_v3 on the legacy default stream makes TensorRT
+        # synchronize extra work, and other torch work then cannot overlap or be serialized behind it
+        self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+
+    def input_metadata(self) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+        """name -> (numpy dtype, shape with -1 for dynamic dims), for Polygraphy's Comparator."""
+        if self._engine is None:
+            raise RuntimeError("TensorRTEngine.input_metadata called outside its context (use `with`)")
+        engine = self._engine
+        numpy_of = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64,
+                    "INT8": np.int8, "BOOL": np.bool_, "BF16": np.float32}
+        result: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+        for name in self.input_names:
+            dims = engine.get_tensor_shape(name)
+            result[name] = (np.dtype(numpy_of[engine.get_tensor_dtype(name).name]),
+                            tuple(int(dims[i]) for i in range(len(dims))))
+        return result
+
     def deactivate(self) -> None:
+        self._stream = None
         self._context = None
         self._engine = None
         self._runtime = None
@@ -399,11 +427,16 @@ class TensorRTEngine:
         """Run once. ``feeds`` must hold exactly the engine's inputs; shapes within the profile."""
         import torch
 
-        if self._engine is None or self._context is None:
+        if self._engine is None or self._context is None or self._stream is None:
             raise RuntimeError("TensorRTEngine.infer called outside its context (use `with`)")
-        context = self._context
         if set(feeds) != set(self.input_names):
             raise UserError(f"engine inputs are {self.input_names}, got feeds for {sorted(feeds)}")
+        with torch.cuda.stream(self._stream):  # copies, allocations and the run all on the engine's stream
+            return self._infer_on_stream(self._context, self._stream, feeds)
+
+    def _infer_on_stream(self, context: trt.IExecutionContext, stream: torch.cuda.Stream,
+                         feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
 
         keep_alive: list[torch.Tensor] = []
         for name in self.input_names:
@@ -425,7 +458,6 @@ class TensorRTEngine:
             outputs[name] = out
             context.set_tensor_address(name, out.data_ptr())
 
-        stream = torch.cuda.current_stream()
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.engine_path.name}")
         stream.synchronize()

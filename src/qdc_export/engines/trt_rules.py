@@ -1,110 +1,150 @@
-"""TensorRT explicit-quantization rules, checked on an ONNX ``ModelProto`` without TensorRT or a GPU.
+"""TensorRT's explicit-quantization and parser rules, checked on an ONNX ``ModelProto`` without TensorRT
+or a GPU, for a given TensorRT version.
 
-TensorRT (10.x strongly typed, 11.x always) takes precision only from QuantizeLinear /
-DequantizeLinear (Q/DQ) nodes and accepts a narrow dialect of them. Engine builds that break the
-dialect fail late, on a GPU machine, with a parser message that names one node at a time. This
-module reports every break at once, before any engine build:
+TensorRT (10.x strongly typed, 11.x always) takes precision only from QuantizeLinear / DequantizeLinear
+(Q/DQ) nodes and accepts a narrow dialect of them. Builds that break it fail late, on a GPU machine, one
+parser message at a time, or build silently in float. This module reports every break at once. Each rule
+names its source and the TensorRT version that introduced it or lifted it (:data:`RULES`); docs/tensorrt.md
+lists them with the documentation's own words.
 
-    R1  zero points are zero constants (symmetric quantization only)
-    R2  scales are constants, finite and strictly positive
-    R3  per-channel / block quantization only on constant weights; activations are per-tensor
-    R4  4-bit (INT4/UINT4) only as weight-only DequantizeLinear of constant initializers, block
-        axis on one of the last two dims; 4-bit activations (W4A4) cannot be expressed
-    R5  no custom-domain nodes (they would need a TensorRT plugin)
-    R6  only operators the ONNX-TensorRT parser supports (see SUPPORTED_OPS)
-    R7  quantized types are signed: INT8, INT4 or FP8/FP4 (no UINT8/UINT16/INT16)
+    R1  zero points are zero constants (symmetric only)
+    R2  scales are build-time constants, finite and > 0
+    R3  per-channel / block scales only on constant weights; activations per-tensor
+    R4  4-bit only as weight-only DequantizeLinear of constant INT4 initializers (no W4A4, no UINT4)
+    R5  no custom-domain nodes (a TensorRT plugin would be needed)
+    R6  only operators the ONNX parser of that version imports (:data:`OPS_SINCE`, opset-21
+        GroupNormalization from 10.9, Attention from 10.14, RMSNormalization from 10.15)
+    R7  quantized types INT8, INT4, FP8, FP4 (FP4 from 10.8)
+    R8  INT4 only feeds a GEMM: the DequantizeLinear's output goes to MatMul / Gemm (not Conv, not a Reshape)
+    R9  block quantization: INT4 only, 2-D weight, 2-D scale, block axis one of the two dims, block size
+        64 or 128 dividing that axis (no ragged last block)
+    R10 a DequantizeLinear's output type is its scale's type: a DQ followed by a Cast (FP32 scale, FP16
+        network) leaves a Cast between the DQ and its consumer, so the pair does not fuse
 
-Sources: ``docs/tensorrt.md`` of this project and the operator support matrix of the ONNX-TensorRT
-parser (github.com/onnx/onnx-tensorrt, ``docs/operators.md``: "QuantizeLinear: y_zero_point must be
-0", "DequantizeLinear: x_zero_point must be zero", Conv "Weights W must be an initializer").
-
-Nodes inside subgraphs (If / Loop / Scan bodies) are checked too; their names are reported as
-``outer_node/inner_node``.
+Nodes inside subgraphs (If / Loop / Scan bodies) are checked too, named ``outer_node/inner_node``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from qdc_export.errors import TensorRTCompatibilityError
+from qdc_export.engines.onnx_graph import (
+    STANDARD_DOMAINS,
+    TP,
+    Scope,
+    array_of,
+    attr,
+    build_scope,
+    granularity,
+    is_weight,
+    node_input,
+    quantized_type,
+    type_name,
+    walk,
+)
+from qdc_export.errors import TensorRTCompatibilityError, UserError
 
 __all__ = [
+    "OLDEST_SUPPORTED",
+    "OPS_SINCE",
     "RULES",
-    "SUPPORTED_OPS",
     "Violation",
     "assert_tensorrt_compatible",
     "check_tensorrt_compatibility",
+    "parse_version",
     "summarize_quantization",
 ]
 
-RULES: dict[str, str] = {
-    "R1": "Q/DQ zero points must be zero constants (symmetric only)",
-    "R2": "Q/DQ scales must be constant, finite and > 0",
-    "R3": "per-channel/block quantization only on constant weights; activations per-tensor",
-    "R4": "INT4 only as weight-only DequantizeLinear of constant initializers",
-    "R5": "custom-domain ops need a TensorRT plugin",
-    "R6": "op not supported by the TensorRT ONNX parser",
-    "R7": "quantized type must be INT8, INT4 or FP8/FP4",
+Version = tuple[int, int]
+
+# The oldest TensorRT the [gpu] extra installs (pyproject.toml: tensorrt-cu12>=10.12,<11); rules are checked
+# against it unless --trt-version says otherwise. The code targets the 10.x API (tensorrt-stubs 10.13).
+OLDEST_SUPPORTED = "10.12"
+_MIN_CHECKABLE: Version = (10, 0)  # first release with INT4 and strongly typed networks; older: not modelled
+
+_OPERATORS_MD = "onnx-tensorrt docs/operators.md"
+_CHANGELOG = "onnx-tensorrt docs/Changelog.md"
+_QTYPES_GUIDE = "TensorRT developer guide, Working with Quantized Types"
+_DQ_OPERATOR = "TensorRT operator docs, Dequantize (IDequantizeLayer)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    text: str
+    source: str
+    since: Version = _MIN_CHECKABLE  # the rule's subject is supported from this version on
+
+
+RULES: dict[str, Rule] = {
+    "R1": Rule("Q/DQ zero points must be zero constants (symmetric only)", f"{_OPERATORS_MD}: Q/DQ restrictions"),
+    "R2": Rule("Q/DQ scales must be constant, finite and > 0", f"{_DQ_OPERATOR}: scale is a build-time constant"),
+    "R3": Rule("per-channel/block quantization only on constant weights; activations per-tensor", _QTYPES_GUIDE),
+    "R4": Rule("INT4 only as weight-only DequantizeLinear of constant INT4 initializers",
+               f"{_CHANGELOG} 10.0 (INT4 added); {_QTYPES_GUIDE}", (10, 0)),
+    "R5": Rule("custom-domain ops need a TensorRT plugin", f"{_OPERATORS_MD}"),
+    "R6": Rule("op not imported by this TensorRT version's ONNX parser", f"{_OPERATORS_MD}; {_CHANGELOG}"),
+    "R7": Rule("quantized type must be INT8, INT4, FP8 or FP4 (FP4 from 10.8)", f"{_CHANGELOG} 10.8", (10, 8)),
+    "R8": Rule("INT4 weights only for GEMM layers (DequantizeLinear -> MatMul/Gemm)", _QTYPES_GUIDE),
+    "R9": Rule("block quantization: INT4, 2-D weight and scale, block 64/128 dividing one of the two axes",
+               f"{_DQ_OPERATOR}; {_QTYPES_GUIDE}"),
+    "R10": Rule("DequantizeLinear output type comes from its scale: store the scale in the consumer's type, "
+                "no Cast after the DQ", f"{_DQ_OPERATOR}: output type T3 = scale type"),
 }
 
-# Standard-domain ONNX operators that the ONNX-TensorRT parser (TensorRT 10.x) imports, restricted
-# to those a diffusion UNet export plausibly contains plus their close relatives. Taken from the
-# parser's operator support matrix (onnx/onnx-tensorrt docs/operators.md); operators it lists as
-# unsupported (e.g. QLinearConv, ConvInteger, MatMulInteger, DynamicQuantizeLinear, NonZero,
-# Unique, sequence ops) are deliberately absent. Extending this set is a reviewed decision.
-SUPPORTED_OPS: frozenset[str] = frozenset(
-    {
-        # compute-heavy layers
-        "Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum",
-        # quantization
-        "QuantizeLinear", "DequantizeLinear",
-        # normalization and activations
-        "GroupNormalization", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
-        "Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Selu",
-        "Gelu", "Erf", "Softplus", "Softsign", "Mish", "HardSwish", "PRelu",
-        # elementwise math
-        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Abs", "Neg", "Sign",
-        "Sin", "Cos", "Tan", "Floor", "Ceil", "Round", "Clip", "Max", "Min", "Mean", "Sum", "Mod",
-        "IsNaN", "IsInf",
-        # logic
-        "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where",
-        # reductions
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2",
-        "ReduceSumSquare", "ArgMax", "ArgMin", "CumSum", "TopK",
-        # pooling and resampling
-        "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample",
-        "DepthToSpace", "SpaceToDepth", "Pad",
-        # shape and data movement
-        "Concat", "Split", "Slice", "Reshape", "Transpose", "Gather", "GatherElements", "GatherND",
-        "ScatterND", "ScatterElements", "Cast", "CastLike", "Unsqueeze", "Squeeze", "Flatten",
-        "Shape", "Size", "ConstantOfShape", "Expand", "Tile", "Range", "Trilu", "OneHot",
-        "Constant", "Identity", "Dropout",
-        # control flow (bodies are checked node by node)
-        "If", "Loop",
-    }
+# Standard-domain operators the ONNX-TensorRT parser imports ("Y" in docs/operators.md of TensorRT 10.1),
+# with the version that added each one to that list when it is later than 10.0 (Changelog.md).
+_OPS_10_1 = frozenset(
+    "Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike "
+    "Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace "
+    "DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements "
+    "GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample "
+    "GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf "
+    "IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool "
+    "MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot "
+    "Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform "
+    "RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean "
+    "ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round "
+    "ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice "
+    "Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK "
+    "Transpose Trilu Unsqueeze Upsample Where Xor".split()
 )
-
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+OPS_SINCE: dict[str, Version] = {
+    **{op: (10, 0) for op in _OPS_10_1},
+    "BlackmanWindow": (10, 4), "HammingWindow": (10, 4), "HannWindow": (10, 4),  # Changelog 10.4
+    "STFT": (10, 5),  # Changelog 10.5 (real-valued)
+    "Attention": (10, 14),  # Changelog 10.14
+    "RMSNormalization": (10, 15), "RotaryEmbedding": (10, 15), "TensorScatter": (10, 15),  # Changelog 10.15
+}
+# Operators whose newer opset version needs a newer parser: (op, first opset of the version) -> TensorRT.
+OPSET_VERSION_SINCE: dict[tuple[str, int], Version] = {
+    ("GroupNormalization", 21): (10, 9),  # Changelog 10.9: "Added support for opset 21 GroupNorm"
+}
+INT4_BLOCK_SIZES = (64, 128)
+_GEMM = frozenset({"MatMul", "Gemm"})
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
-_TP = onnx.TensorProto
-_FOUR_BIT = frozenset({_TP.INT4, _TP.UINT4})
-_ALLOWED_QTYPES = frozenset(
-    {
-        _TP.INT8,
-        _TP.INT4,
-        _TP.UINT4,  # reported by R4 (weight-only rules) rather than R7, see _check_qdq
-        _TP.FLOAT8E4M3FN,
-        getattr(_TP, "FLOAT4E2M1", _TP.FLOAT8E4M3FN),
-    }
-)
+_FOUR_BIT = frozenset({TP.INT4, TP.UINT4})
+_FP4 = getattr(TP, "FLOAT4E2M1", None)
+_ALLOWED_QTYPES = frozenset({TP.INT8, TP.INT4, TP.UINT4, TP.FLOAT8E4M3FN} | ({_FP4} if _FP4 else set()))
 _MAX_NAMES_IN_MESSAGE = 5
+
+
+def parse_version(text: str) -> Version:
+    """'10.12' or '10.12.0.36' -> (10, 12); a UserError for anything else or a version below 10.0."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)*", text.strip())
+    if match is None:
+        raise UserError(f"--trt-version must look like 10.12, got {text!r}")
+    version = (int(match.group(1)), int(match.group(2)))
+    if version < _MIN_CHECKABLE:
+        raise UserError(f"--trt-version {text}: rules are modelled from TensorRT 10.0 on (explicit quantization "
+                        "with INT4 and strongly typed networks)")
+    return version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,275 +160,167 @@ class Violation:
         return f"{self.rule} {self.node} ({self.op_type}): {self.message}"
 
 
-# --------------------------------------------------------------------------------------------------
-# Graph walking
-# --------------------------------------------------------------------------------------------------
+def _fmt(version: Version) -> str:
+    return f"{version[0]}.{version[1]}"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Scope:
-    """What is known about tensors while walking one model (subgraphs share the outer scope)."""
-
-    constants: dict[str, onnx.TensorProto]
-    producers: dict[str, onnx.NodeProto]
-    initializer_names: frozenset[str]
-
-
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The value of a ``Constant`` node as a TensorProto (None for sparse or unknown forms)."""
-    for attr in node.attribute:
-        if attr.name == "value":
-            tensor: onnx.TensorProto = attr.t
-            return tensor
-        if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
-            value: Any = onnx.helper.get_attribute_value(attr)
-            dtype = np.float32 if "float" in attr.name else np.int64
-            return numpy_helper.from_array(np.asarray(value, dtype=dtype))
-    return None
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for _, node in walk(model.graph):
+        for name in node.input:
+            if name:
+                users.setdefault(name, []).append(node)
+    return users
 
 
-def _walk(graph: onnx.GraphProto, prefix: str = "") -> Iterator[tuple[str, onnx.NodeProto]]:
-    """Every node of ``graph`` and of its subgraphs, with a display name."""
-    for index, node in enumerate(graph.node):
-        name = prefix + (node.name or f"<{node.op_type}#{index}>")
-        yield name, node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(attr.g, f"{name}/{attr.name}:")
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for k, sub in enumerate(attr.graphs):
-                    yield from _walk(sub, f"{name}/{attr.name}[{k}]:")
+def _opset(model: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0)
 
 
-def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_graphs(sub)
+def _check_block(node: onnx.NodeProto, scope: Scope, qtype: int | None) -> Iterator[str]:
+    """R9 for a DequantizeLinear with block_size (messages only)."""
+    block = int(attr(node, "block_size", 0))
+    if qtype not in _FOUR_BIT:
+        yield f"block quantization of {type_name(qtype) if qtype else 'unknown'} data; TensorRT blocks INT4 only"
+    data = scope.constants.get(node_input(node, 0))
+    scale = scope.constants.get(node_input(node, 1))
+    if data is None:
+        return  # R4 reports a non-constant INT4 input
+    dims = list(data.dims)
+    if len(dims) != 2:
+        yield f"block-quantized weight has rank {len(dims)}; TensorRT needs a 2-D weight"
+        return
+    axis = int(attr(node, "axis", 1))
+    axis = axis + 2 if axis < 0 else axis
+    if scale is not None and len(scale.dims) != 2:
+        yield f"block scale has rank {len(scale.dims)}; TensorRT needs a 2-D scale"
+    if block not in INT4_BLOCK_SIZES:
+        yield f"block size {block}; TensorRT's INT4 block sizes are {' or '.join(map(str, INT4_BLOCK_SIZES))}"
+    if axis in (0, 1) and dims[axis] % block:
+        yield f"block size {block} does not divide axis {axis} ({dims[axis]}): a ragged last block"
 
 
-def _build_scope(model: onnx.ModelProto) -> _Scope:
-    constants: dict[str, onnx.TensorProto] = {}
-    producers: dict[str, onnx.NodeProto] = {}
-    initializer_names: set[str] = set()
-    for graph in _all_graphs(model.graph):
-        for init in graph.initializer:
-            constants[init.name] = init
-            initializer_names.add(init.name)
-        for node in graph.node:
-            for out in node.output:
-                if out:
-                    producers[out] = node
-            if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output:
-                tensor = _constant_tensor(node)
-                if tensor is not None:
-                    constants[node.output[0]] = tensor
-    return _Scope(constants, producers, frozenset(initializer_names))
-
-
-def _input(node: onnx.NodeProto, index: int) -> str:
-    return node.input[index] if len(node.input) > index else ""
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
-def _array(tensor: onnx.TensorProto) -> np.ndarray | None:
-    """Values of a constant; None when they cannot be read (e.g. external data not loaded)."""
-    try:
-        return numpy_helper.to_array(tensor)
-    except Exception:  # noqa: BLE001 - unreadable data only disables value checks
-        return None
-
-
-def _is_weight(name: str, scope: _Scope) -> bool:
-    """A constant, or the QuantizeLinear of a constant (the fake-quant weight pattern Q(W) -> DQ)."""
-    if name in scope.constants:
-        return True
-    producer = scope.producers.get(name)
-    return (
-        producer is not None
-        and producer.op_type == "QuantizeLinear"
-        and _input(producer, 0) in scope.constants
-    )
-
-
-def _quantized_type(node: onnx.NodeProto, scope: _Scope) -> int | None:
-    """The low-precision element type a Q/DQ node works with (None when it cannot be told)."""
-    zero_point = scope.constants.get(_input(node, 2))
-    if node.op_type == "QuantizeLinear":
-        output_dtype = int(_attr(node, "output_dtype", 0))
-        if output_dtype:
-            return output_dtype
-        if zero_point is not None:
-            return int(zero_point.data_type)
-        if _input(node, 2):
-            return None  # a non-constant zero point: R1 reports it
-        return _TP.UINT8  # ONNX default without a zero point
-    data = scope.constants.get(_input(node, 0))
-    if data is not None:
-        return int(data.data_type)
-    if zero_point is not None:
-        return int(zero_point.data_type)
-    producer = scope.producers.get(_input(node, 0))
-    if producer is not None and producer.op_type == "QuantizeLinear":
-        return _quantized_type(producer, scope)
-    return None
-
-
-def _type_name(dtype: int) -> str:
-    return str(onnx.TensorProto.DataType.Name(dtype)).lower()
-
-
-def _granularity(node: onnx.NodeProto, scale: np.ndarray | None) -> str:
-    """'block', 'per_channel', 'per_tensor' or 'unknown' (scale not a readable constant)."""
-    if int(_attr(node, "block_size", 0)) > 0:
-        return "block"
-    if scale is None:
-        return "unknown"
-    return "per_tensor" if scale.size == 1 else "per_channel"
-
-
-# --------------------------------------------------------------------------------------------------
-# Rules
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_qdq(
-    name: str, node: onnx.NodeProto, scope: _Scope, allow_int4_activations: bool
-) -> Iterator[Violation]:
+def _check_qdq(name: str, node: onnx.NodeProto, scope: Scope, users: dict[str, list[onnx.NodeProto]],
+               allow_int4_activations: bool, version: Version) -> Iterator[Violation]:
     op = node.op_type
 
     def violation(rule: str, message: str) -> Violation:
         return Violation(rule=rule, node=name, op_type=op, message=message)
 
-    data_name, scale_name, zp_name = _input(node, 0), _input(node, 1), _input(node, 2)
-    weight = _is_weight(data_name, scope)
-
-    # R1: zero point absent, or a constant that is all zeros.
-    if zp_name:
+    data_name, scale_name, zp_name = node_input(node, 0), node_input(node, 1), node_input(node, 2)
+    weight = is_weight(data_name, scope)
+    if zp_name:  # R1
         zp_tensor = scope.constants.get(zp_name)
         if zp_tensor is None:
             yield violation("R1", f"zero point {zp_name!r} is not a constant; TensorRT needs zero")
         else:
-            zp = _array(zp_tensor)
+            zp = array_of(zp_tensor)
             if zp is not None and np.any(zp != 0):
                 yield violation("R1", f"zero point {zp_name!r} is nonzero; TensorRT is symmetric only")
-
-    # R2: scale constant, finite, positive.
-    scale: np.ndarray | None = None
+    scale: np.ndarray | None = None  # R2
     scale_tensor = scope.constants.get(scale_name)
     if scale_tensor is None:
         yield violation("R2", f"scale {scale_name!r} is computed at run time; TensorRT needs a constant")
     else:
-        scale = _array(scale_tensor)
+        scale = array_of(scale_tensor)
         if scale is not None:
             values = scale.astype(np.float64)
             if not np.all(np.isfinite(values)) or np.any(values <= 0):
                 yield violation("R2", f"scale {scale_name!r} has non-finite or non-positive values")
-
-    # R7 / R4: quantized type and 4-bit placement.
-    qtype = _quantized_type(node, scope)
-    granularity = _granularity(node, scale)
+    qtype = quantized_type(node, scope)  # R7
+    kind = granularity(node, scale)
     if qtype is not None and qtype not in _ALLOWED_QTYPES:
-        yield violation("R7", f"quantized type {_type_name(qtype)} is not supported; use int8")
-    if qtype in _FOUR_BIT:
+        yield violation("R7", f"quantized type {type_name(qtype)} is not supported; use int8")
+    elif qtype == _FP4 and version < RULES["R7"].since:
+        yield violation("R7", f"float4e2m1 needs TensorRT >= {_fmt(RULES['R7'].since)} (checking {_fmt(version)})")
+    if qtype in _FOUR_BIT:  # R4
         if op == "QuantizeLinear" and not weight:
             if not allow_int4_activations:
-                yield violation(
-                    "R4",
-                    f"{_type_name(qtype)} activation quantization (W4A4) cannot be expressed in "
-                    "TensorRT; it needs a custom plugin or another runtime",
-                )
+                yield violation("R4", f"{type_name(qtype)} activation quantization (W4A4) cannot be expressed in "
+                                      "TensorRT; it needs a custom plugin or another runtime")
         elif op == "QuantizeLinear":
-            yield violation(
-                "R4", "4-bit weights must be stored as packed int4 initializers read by DequantizeLinear"
-            )
+            yield violation("R4", "4-bit weights must be stored as packed int4 initializers read by DequantizeLinear")
         elif data_name not in scope.constants and not allow_int4_activations:
             yield violation("R4", f"4-bit DequantizeLinear input {data_name!r} is not a constant weight")
-        if qtype == _TP.UINT4:
+        if qtype == TP.UINT4:
             yield violation("R4", "uint4 is not supported; use int4 with a zero zero point")
-        if granularity == "block" and data_name in scope.constants:
-            rank = len(scope.constants[data_name].dims)
-            axis = int(_attr(node, "axis", 1))
-            axis = axis + rank if axis < 0 else axis
-            if rank >= 2 and axis not in (rank - 2, rank - 1):
-                yield violation("R4", f"int4 block axis {axis} must be one of the last two dims (rank {rank})")
+        if op == "DequantizeLinear" and data_name in scope.constants:  # R8: weight-only INT4 feeds a GEMM
+            bad = sorted({u.op_type for u in users.get(node.output[0], [])} - _GEMM)
+            if bad:
+                yield violation("R8", f"int4 weight feeds {', '.join(bad)}; TensorRT runs INT4 only in MatMul/Gemm")
+    if kind == "block" and op == "DequantizeLinear" and (weight or qtype not in _FOUR_BIT):
+        for message in _check_block(node, scope, qtype):  # R9
+            yield violation("R9", message)
+    if not weight and kind in ("per_channel", "block"):  # R3
+        yield violation("R3", f"{kind.replace('_', '-')} quantization of activation {data_name!r}; "
+                              "TensorRT quantizes activations per-tensor (scalar scale)")
+    if op == "DequantizeLinear":  # R10
+        outs = users.get(node.output[0], []) if node.output else []
+        if outs and all(u.op_type == "Cast" for u in outs):
+            yield violation("R10", "DequantizeLinear feeds only a Cast: store its scale in the target type instead")
 
-    # R3: activations are per-tensor; block quantization only on constant weights.
-    if not weight and granularity in ("per_channel", "block"):
-        yield violation(
-            "R3",
-            f"{granularity.replace('_', '-')} quantization of activation {data_name!r}; "
-            "TensorRT quantizes activations per-tensor (scalar scale)",
-        )
 
+def check_tensorrt_compatibility(model: onnx.ModelProto, *, allow_int4_activations: bool = False,
+                                 version: str = OLDEST_SUPPORTED) -> list[Violation]:
+    """Every rule of :data:`RULES` that ``model`` breaks for TensorRT ``version`` ("10.12", ...).
 
-def check_tensorrt_compatibility(
-    model: onnx.ModelProto, *, allow_int4_activations: bool = False
-) -> list[Violation]:
-    """Every TensorRT explicit-quantization rule (R1-R7, see module doc) ``model`` breaks.
-
-    ``allow_int4_activations`` turns off the W4A4 part of R4, for models meant for a plugin or
-    another runtime. An empty list means the checks found nothing; it does not promise a build.
+    ``allow_int4_activations`` turns off the W4A4 part of R4, for models meant for a plugin or another
+    runtime. An empty list means the checks found nothing; it does not promise a build.
     """
-    scope = _build_scope(model)
+    checked = parse_version(version)
+    scope = build_scope(model)
+    users = _consumers(model)
+    opset = _opset(model)
     violations: list[Violation] = []
-    for name, node in _walk(model.graph):
-        if node.domain not in _STANDARD_DOMAINS:
-            violations.append(
-                Violation(
-                    "R5",
-                    name,
-                    node.op_type,
-                    f"custom domain {node.domain!r}; TensorRT would need a plugin for {node.op_type}",
-                )
-            )
+    for name, node in walk(model.graph):
+        if node.domain not in STANDARD_DOMAINS:
+            violations.append(Violation("R5", name, node.op_type,
+                                        f"custom domain {node.domain!r}; TensorRT would need a plugin for "
+                                        f"{node.op_type}"))
             continue
-        if node.op_type not in SUPPORTED_OPS:
-            violations.append(
-                Violation("R6", name, node.op_type, f"{node.op_type} is not in the supported op set")
-            )
+        since = OPS_SINCE.get(node.op_type)
+        if since is None:
+            violations.append(Violation("R6", name, node.op_type,
+                                        f"{node.op_type} is not imported by TensorRT's ONNX parser"))
             continue
+        if checked < since:
+            violations.append(Violation("R6", name, node.op_type,
+                                        f"{node.op_type} needs TensorRT >= {_fmt(since)} (checking {_fmt(checked)})"))
+            continue
+        for (op, first_opset), needed in OPSET_VERSION_SINCE.items():
+            if node.op_type == op and opset >= first_opset and checked < needed:
+                violations.append(Violation("R6", name, node.op_type,
+                                            f"opset-{first_opset} {op} needs TensorRT >= {_fmt(needed)} "
+                                            f"(checking {_fmt(checked)})"))
         if node.op_type in _QDQ:
-            violations.extend(_check_qdq(name, node, scope, allow_int4_activations))
+            violations.extend(_check_qdq(name, node, scope, users, allow_int4_activations, checked))
     return violations
 
 
-def _one_line(violations: list[Violation]) -> str:
+def _one_line(violations: list[Violation], version: str) -> str:
     by_rule: dict[str, list[str]] = {}
     for v in violations:
         by_rule.setdefault(v.rule, [])
         if v.node not in by_rule[v.rule]:
             by_rule[v.rule].append(v.node)
     parts = []
-    for rule in sorted(by_rule):
+    for rule in sorted(by_rule, key=lambda r: int(r[1:])):
         nodes = by_rule[rule]
         shown = ", ".join(nodes[:_MAX_NAMES_IN_MESSAGE])
         more = f" (+{len(nodes) - _MAX_NAMES_IN_MESSAGE} more)" if len(nodes) > _MAX_NAMES_IN_MESSAGE else ""
-        parts.append(f"{rule} {RULES[rule]}: {len(nodes)} node(s): {shown}{more}")
-    text = "not TensorRT compatible: " + "; ".join(parts)
+        first = next(v for v in violations if v.rule == rule)
+        parts.append(f"{rule} {RULES[rule].text}: {len(nodes)} node(s): {shown}{more} [{first.message}]")
+    text = f"not TensorRT {version} compatible: " + "; ".join(parts)
     return " ".join(text.split())  # node names with newlines must not break the one line
 
 
-def assert_tensorrt_compatible(model: onnx.ModelProto, *, allow_int4_activations: bool = False) -> None:
+def assert_tensorrt_compatible(model: onnx.ModelProto, *, allow_int4_activations: bool = False,
+                               version: str = OLDEST_SUPPORTED) -> None:
     """Raise :class:`TensorRTCompatibilityError` (one-line message) if any rule is broken."""
-    violations = check_tensorrt_compatibility(model, allow_int4_activations=allow_int4_activations)
+    violations = check_tensorrt_compatibility(model, allow_int4_activations=allow_int4_activations,
+                                              version=version)
     if violations:
-        raise TensorRTCompatibilityError(_one_line(violations))
-
-
-# --------------------------------------------------------------------------------------------------
-# Summary (for `inspect` and reports)
-# --------------------------------------------------------------------------------------------------
+        raise TensorRTCompatibilityError(_one_line(violations, version))
 
 
 def summarize_quantization(model: onnx.ModelProto) -> dict[str, Any]:
@@ -399,26 +331,26 @@ def summarize_quantization(model: onnx.ModelProto) -> dict[str, Any]:
     ``weight_initializers`` (quantized type name -> sorted initializer names read by a
     DequantizeLinear), ``num_qdq_nodes``.
     """
-    scope = _build_scope(model)
+    scope = build_scope(model)
     per_op: dict[str, Counter[str]] = {"QuantizeLinear": Counter(), "DequantizeLinear": Counter()}
-    granularity: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
     weights: dict[str, set[str]] = {}
-    for _, node in _walk(model.graph):
-        if node.op_type not in _QDQ or node.domain not in _STANDARD_DOMAINS:
+    for _, node in walk(model.graph):
+        if node.op_type not in _QDQ or node.domain not in STANDARD_DOMAINS:
             continue
-        qtype = _quantized_type(node, scope)
-        type_name = _type_name(qtype) if qtype is not None else "unknown"
-        per_op[node.op_type][type_name] += 1
-        scale_tensor = scope.constants.get(_input(node, 1))
-        scale = _array(scale_tensor) if scale_tensor is not None else None
-        granularity[_granularity(node, scale)] += 1
-        data_name = _input(node, 0)
+        qtype = quantized_type(node, scope)
+        qname = type_name(qtype) if qtype is not None else "unknown"
+        per_op[node.op_type][qname] += 1
+        scale_tensor = scope.constants.get(node_input(node, 1))
+        scale = array_of(scale_tensor) if scale_tensor is not None else None
+        kinds[granularity(node, scale)] += 1
+        data_name = node_input(node, 0)
         if node.op_type == "DequantizeLinear" and data_name in scope.initializer_names:
-            weights.setdefault(type_name, set()).add(data_name)
+            weights.setdefault(qname, set()).add(data_name)
     return {
         "num_qdq_nodes": sum(sum(c.values()) for c in per_op.values()),
         "quantize_linear": dict(sorted(per_op["QuantizeLinear"].items())),
         "dequantize_linear": dict(sorted(per_op["DequantizeLinear"].items())),
-        "granularity": dict(sorted(granularity.items())),
+        "granularity": dict(sorted(kinds.items())),
         "weight_initializers": {k: sorted(v) for k, v in sorted(weights.items())},
     }
