@@ -231,10 +231,26 @@ def block_parity() -> str:
         worst_gap = max(worst_gap, abs(parity["trajectory"]["gap_db"]))
         names.append(f"`docs/reports/{folder.name}`")
         tol = parity["tolerances"]
+    floor = "" if "noise_ulps" not in tol else (
+        f"; the per-step threshold is min({tol['step_min_snr_db']:g} dB, the reference's own floor under "
+        f"{tol['noise_ulps']:g}-ulp rounding noise - {tol['noise_floor_margin_db']:g} dB), docs/parity.md")
     return (f"- Parity of builds (`qdc-export check`; the example reports {', '.join(names)}): the W8A8 engines "
-            f"agree with their PyTorch Q/DQ graph at per-step SNR >= {worst_snr:.1f} dB (tolerance "
-            f"{tol['step_min_snr_db']:g} dB) and final-image PSNR within {worst_gap:.2f} dB (tolerance "
-            f"{tol['trajectory_psnr_margin_db']:g} dB).")
+            f"agree with their PyTorch Q/DQ graph at per-step SNR >= {worst_snr:.1f} dB (absolute threshold "
+            f"{tol['step_min_snr_db']:g} dB{floor}) and final-image PSNR within {worst_gap:.2f} dB (margin "
+            f"{tol['trajectory_psnr_margin_db']:g} dB plus the noisy reference's own gap).")
+
+
+def block_w4a4_parity() -> str:
+    data = _json(RESULTS / "parity_matrix.json")
+    rows = data["rows"]
+    ok = [r for r in rows if r.get("passed")]
+    parts = [f"{r['model']}{' + SVDQuant' if r['ptq'] == 'svdquant' else ''} {r['min_step_snr_db']:.1f} dB "
+             f"(required {r['required_snr_db']:.1f})" for r in rows if "passed" in r]
+    failed = [f"{r['model']} {r['ptq']}" for r in rows if not r.get("passed")]
+    return (f"- W4A4 at the default settings (`{data['provenance']['command']}`, commit "
+            f"{data['provenance']['commit']}; `benchmarks/results/parity_matrix.md`): {len(ok)} of {len(rows)} "
+            f"builds pass `check`; per-step SNR min against its noise-floor threshold: {', '.join(parts)}"
+            + (f"; failed: {', '.join(failed)}" if failed else "") + ".")
 
 
 def block_main_build_time() -> str:
@@ -277,6 +293,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "int4": block_int4,
     "latency": block_latency,
     "parity": block_parity,
+    "w4a4-parity": block_w4a4_parity,
     "scale": block_scale,
 }
 
