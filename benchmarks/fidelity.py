@@ -73,12 +73,12 @@ def merge(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[st
     return list(keyed.values())
 
 
-def _precision_rank(label: str, precisions: tuple[str, ...]) -> float:
-    """fp32, w8a8, w4a16, w4a8, w4a8+svdquant, w4a4, w4a4+svdquant."""
-    from qdc_export.fidelity import PTQ_SUFFIX
+def _precision_rank(label: str, precisions: tuple[str, ...]) -> tuple[int, int]:
+    """fp32, w8a8, w4a16, w4a16+gptq, ..., w4a8, w4a8+svdquant, ...: precision, then PTQ recipe order."""
+    from qdc_export.config import PTQ_RECIPES
 
-    base = label.removesuffix(PTQ_SUFFIX)
-    return (precisions.index(base) if base in precisions else 99) + (0.5 if label.endswith(PTQ_SUFFIX) else 0)
+    base, _, recipe = label.partition("+")
+    return precisions.index(base) if base in precisions else 99, _rank(recipe or "rtn", PTQ_RECIPES)
 
 
 def _rank(name: str, names: Any) -> int:
@@ -330,6 +330,21 @@ def merge_results(out: Path, sources: list[Path]) -> None:
     print(f"{len(rows)} rows in {out / 'fidelity.json'}")
 
 
+def _run_record(command: str, threads: int) -> dict[str, Any]:
+    """What a row needs to be re-run: the command, threads, git commit (and whether the tree was dirty), versions."""
+    import subprocess
+
+    from qdc_export.manifest import package_versions
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {"command": command, "torch_threads": threads, "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "package_versions": package_versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def write_all(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": _order(rows)}
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": args.threads,
         "torch": torch.__version__,
     }
+    run_record = _run_record(command.strip(), args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / ".gitignore").write_text("*\n")  # cached engines and trajectories are never committed
     rows = (
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     continue
-                rows = merge(rows, new)
+                rows = merge(rows, [{**r, "run": run_record} for r in new])
                 meta["wall_s"] = round(time.perf_counter() - start, 1)
                 write_all(rows, args.out, meta)
     print(

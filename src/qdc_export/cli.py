@@ -71,7 +71,9 @@ def main() -> None:
 @click.option("--quantize-attention/--no-quantize-attention", default=False, show_default=True)
 @click.option("--include", multiple=True, help="glob of layers to quantize even if float by default")
 @click.option("--exclude", multiple=True, help="glob of layers to keep in float")
-@click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default="none", show_default=True)
+@click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default=None,
+              help="error compensation folded into the engine  [default: tcec, none for fp32; the held-out check "
+                   "(--comp-validate) keeps it out when it does not help]")
 @click.option("--tcec-variant", type=click.Choice(["m0", "m1-analytic", "m1-fitted"]), default="m0", show_default=True)
 @click.option("--comp-fit-bias/--no-comp-fit-bias", default=True, show_default=True,
               help="also fit a per-step, per-channel bias")
@@ -84,7 +86,10 @@ def main() -> None:
 @click.option("--trt-batch-range", default="1:2:8", show_default=True,
               help="TensorRT optimization profile batch MIN:OPT:MAX (--target tensorrt)")
 @click.option("--parity-samples", type=int, default=4, show_default=True)
-@click.option("--ptq", type=click.Choice(["rtn", "svdquant"]), default="rtn", show_default=True, help="INT4 PTQ method (svdquant: w4a4/w4a8)")
+@click.option("--ptq", default=None, metavar="RECIPE",
+              help="INT4 PTQ recipe: rtn, gptq, awq, awq+gptq (awq: w4a16/w4a8), svdquant, svdquant+gptq "
+                   "(svdquant: w4a4/w4a8)  [default: the best measured per precision: "
+                   "w4a16 gptq, w4a8 and w4a4 svdquant+gptq]")
 @click.option("--svdquant-rank", type=int, default=32, show_default=True, help="rank of SVDQuant's low-rank branch")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="build folder to create")
