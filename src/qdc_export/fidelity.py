@@ -47,7 +47,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "tcec_variant": "m1-fitted",
         "comp_target": "cumulative",
     },
-    # what `--compensation tcec` builds: m=0 + bias, folded only if it raises PSNR on held-out seeds
+    # what `qdc-export build` does by default: TCEC m=0 + bias, folded only if its held-out gain exceeds its s.e.
     "tcec-default": {"compensation": "tcec", "tcec_variant": "m0", "comp_fit_bias": True, "comp_validate": True},
     "tcec-m1-fitted-cumulative-bias": {
         "compensation": "tcec",
