@@ -89,7 +89,7 @@ def main() -> None:
 @click.option("--parity-samples", type=int, default=4, show_default=True)
 @click.option("--ptq", default=None, metavar="RECIPE",
               help="INT4 PTQ recipe: rtn, gptq, awq, awq+gptq (awq: w4a16/w4a8), svdquant, svdquant+gptq "
-                   "(svdquant: w4a4/w4a8)  [default: the best measured per precision: "
+                   "(svdquant: any 4-bit)  [default: the best measured per precision: "
                    "w4a16 gptq, w4a8 and w4a4 svdquant+gptq]")
 @click.option("--svdquant-rank", type=int, default=32, show_default=True, help="rank of SVDQuant's low-rank branch")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -18,7 +18,7 @@ TARGETS = ("onnxruntime", "tensorrt")
 WEIGHT_BLOCK_SIZES = (64, 128)
 # INT4 PTQ recipes: at most one transform of the layer (AWQ scaling or SVDQuant smoothing + low rank), then the
 # rounding of the INT4 weights (round-to-nearest with clip search, or GPTQ on the same grid and scales).
-PTQ_TRANSFORMS = {"awq": ("w4a16", "w4a8"), "svdquant": ("w4a4", "w4a8")}
+PTQ_TRANSFORMS = {"awq": ("w4a16", "w4a8"), "svdquant": ("w4a16", "w4a8", "w4a4")}
 PTQ_ROUNDINGS = ("rtn", "gptq")
 PTQ_RECIPES = ("rtn", "gptq", "awq", "awq+gptq", "svdquant", "svdquant+gptq")
 # What a build uses when --ptq is not given: the best recipe measured per precision (benchmarks/results/

@@ -61,7 +61,7 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
         info["passes"].append({"name": "awq", "modified": result.modified, **result.details})
     if config.ptq_transform == "svdquant":
         options = SvdQuantOptions(rank=config.svdquant_rank, block_size=config.weight_block_size,
-                                  activation="int4-group" if config.precision == "w4a4" else "int8-tensor",
+                                  activation={"w4a4": "int4-group", "w4a8": "int8-tensor"}.get(config.precision, "none"),
                                   activation_group=ACTIVATION_GROUP)
         with timer.stage("svdquant"):
             result, activations = svdquant(gm, quantized, activations, options)
