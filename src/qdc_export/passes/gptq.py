@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -159,3 +160,17 @@ def quantize_layer_gptq(w: torch.Tensor, h: torch.Tensor, block_size: int, clip_
     assert best is not None
     best.rtn_error = rtn_best
     return best
+
+
+def round_layer(node: torch.fx.Node, weight_shape: Sequence[int], w2d: torch.Tensor, samples: Sequence[torch.Tensor],
+                block_size: int, clip_ratios: Sequence[float], options: GptqOptions | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, Any]] | None:
+    """(q, scale, clip ratio, manifest record) for one layer of :func:`qdc_export.passes.int4.quantize_int4`;
+    None where the Hessian cannot be formed (grouped conv, string padding): that layer keeps RTN."""
+    h = hessian(node, weight_shape, samples)
+    if h is None:
+        return None
+    found = quantize_layer_gptq(w2d, h, block_size, clip_ratios, options or GptqOptions())
+    del h
+    return found.q, found.scale, found.clip_ratio, {"rounding": found.method, "error_chosen": found.error,
+                                                     "error_rtn_best": found.rtn_error}

@@ -339,7 +339,11 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
         w2d = w.reshape(w.shape[0], -1)
         # popped: each layer's recorded inputs are freed once its clip ratio is chosen (3.8 GB on SDXL)
         samples = activations.pop(name, [])
-        found = _round_gptq(node, w, w2d, samples, options) if options.rounding == "gptq" and samples else None
+        found = None
+        if options.rounding == "gptq" and samples:
+            from .gptq import round_layer  # gptq imports this module
+
+            found = round_layer(node, w.shape, w2d, samples, options.block_size, options.clip_ratios, options.gptq)
         if found is not None:
             q, scale, ratio, record = found
         else:
@@ -382,19 +386,6 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
         details["gptq_layers"] = sum(1 for v in per_layer.values() if v["rounding"] == "gptq")
     return PassResult(gm, bool(per_layer), {**details, "layers": per_layer})
 
-
-def _round_gptq(node: torch.fx.Node, w: torch.Tensor, w2d: torch.Tensor, samples: list[torch.Tensor],
-                options: Int4Options) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, Any]] | None:
-    """GPTQ rounding for one layer (None where the layer's Hessian cannot be formed: grouped conv)."""
-    from .gptq import GptqOptions, hessian, quantize_layer_gptq
-
-    h = hessian(node, w.shape, samples)
-    if h is None:
-        return None
-    found = quantize_layer_gptq(w2d, h, options.block_size, options.clip_ratios, options.gptq or GptqOptions())
-    del h
-    return found.q, found.scale, found.clip_ratio, {"rounding": found.method, "error_chosen": found.error,
-                                                     "error_rtn_best": found.rtn_error}
 
 
 # --------------------------------------------------------------------------------------------------
