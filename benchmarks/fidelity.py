@@ -73,12 +73,12 @@ def merge(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[st
     return list(keyed.values())
 
 
-def _precision_rank(label: str, precisions: tuple[str, ...]) -> float:
-    """fp32, w8a8, w4a16, w4a8, w4a8+svdquant, w4a4, w4a4+svdquant."""
-    from qdc_export.fidelity import PTQ_SUFFIX
+def _precision_rank(label: str, precisions: tuple[str, ...]) -> tuple[int, int]:
+    """fp32, w8a8, w4a16, w4a16+gptq, ..., w4a8, w4a8+svdquant, ...: precision, then PTQ recipe order."""
+    from qdc_export.config import PTQ_RECIPES
 
-    base = label.removesuffix(PTQ_SUFFIX)
-    return (precisions.index(base) if base in precisions else 99) + (0.5 if label.endswith(PTQ_SUFFIX) else 0)
+    base, _, recipe = label.partition("+")
+    return precisions.index(base) if base in precisions else 99, _rank(recipe or "rtn", PTQ_RECIPES)
 
 
 def _rank(name: str, names: Any) -> int:

@@ -111,7 +111,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
     build_module.load_model = load_measured
     config = BuildConfig(precision=args.precision, steps=args.steps, calib_samples=args.calib_samples,
-                         parity_samples=args.parity_samples, observer=args.observer)
+                         parity_samples=args.parity_samples, observer=args.observer, ptq=args.ptq,
+                         compensation=args.compensation)
     out = Path(args.out or tempfile.mkdtemp(prefix=f"scale-{args.model}-")) / "build"
     start = time.perf_counter()
     import inspect
@@ -121,7 +122,7 @@ def run_one(args: argparse.Namespace) -> dict:
     total = time.perf_counter() - start
     files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     report = {
-        "model": args.model, "precision": args.precision,
+        "model": args.model, "precision": args.precision, "ptq": config.ptq, "compensation": config.compensation,
         "sample_size": args.sample_size or loading.CONFIG_PRESETS[args.model][1]["sample_size"],
         "sample_size_reduced": bool(args.sample_size),
         "steps": args.steps, "calib_samples": args.calib_samples, "parity_samples": args.parity_samples,
@@ -172,7 +173,8 @@ def run_all(args: argparse.Namespace) -> None:
                 out_json = Path(tmp) / "report.json"
                 cmd = ["nice", "-n", "10", sys.executable, __file__, "run", "--model", model, "--precision", precision,
                        "--json", str(out_json), "--steps", str(args.steps), "--calib-samples", str(args.calib_samples),
-                       "--parity-samples", str(args.parity_samples), "--threads", str(args.threads), "--out", tmp]
+                       "--parity-samples", str(args.parity_samples), "--threads", str(args.threads), "--out", tmp,
+                       "--compensation", args.compensation] + (["--ptq", args.ptq] if args.ptq else [])
                 if model == "sdxl" and args.sdxl_sample_size:
                     cmd += ["--sample-size", str(args.sdxl_sample_size)]
                 if args.as_gb:
@@ -255,6 +257,9 @@ def main() -> None:
         p.add_argument("--calib-samples", type=int, default=1)
         p.add_argument("--parity-samples", type=int, default=1)
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--ptq", default=None, help="INT4 PTQ recipe (default: the build's default per precision)")
+        p.add_argument("--compensation", default="none",
+                       help="the recorded runs measure the build without compensation (the build's default is tcec)")
     run_p = sub.choices["run"]
     run_p.add_argument("--model", required=True)
     run_p.add_argument("--json", required=True)

@@ -1,5 +1,6 @@
 """The build's held-out check of fitted compensation tables (compensate.validate_compensation): tables that
-lower the final-image PSNR against FP on unseen seeds are rejected, tables that raise it are accepted.
+lower the final-image PSNR against FP on unseen seeds are rejected, tables that raise it by more than the
+gain's standard error, on >= 16 seeds, are accepted.
 
 The "quantized" model here is the captured FP graph with its output scaled by 1.25 (a known, systematic
 error), so the right tables are known exactly: scale 0.8 restores FP; scale 0.5 makes things worse."""
@@ -11,7 +12,7 @@ import torch
 
 from qdc_export.capture import capture
 from qdc_export.checking import load_reference
-from qdc_export.compensate import validate_compensation
+from qdc_export.compensate import VALIDATION_BATCH, VALIDATION_MIN_SEEDS, validate_compensation
 from qdc_export.compensation import CompensationTables
 from qdc_export.config import BuildConfig
 from qdc_export.loading import load_model
@@ -54,20 +55,23 @@ def test_validation_accepts_tables_that_restore_fp_and_rejects_tables_that_hurt(
     assert good["accepted"] and good["psnr_with_db"] > good["psnr_without_db"] + 10, good
     assert good["psnr_with_db"] > 60, good  # 1.25 * 0.8 = 1: FP up to float rounding
     assert not bad["accepted"] and bad["psnr_with_db"] < bad["psnr_without_db"], bad
-    assert bad["seeds"] == good["seeds"] and len(bad["seeds"]) == CONFIG.calib_samples
+    assert bad["seeds"] == good["seeds"] and len(bad["seeds"]) == max(VALIDATION_MIN_SEEDS, CONFIG.calib_samples)
 
 
 def _held_out_psnr_of_reference(out, model, config: BuildConfig, seeds: list[int], stateful: bool) -> float:
     """Mean final-image PSNR vs FP of the build's shipped PyTorch graph (reference.pt2) on ``seeds``."""
     names = [spec.name for spec in model.conditioning.specs]
-    cond, uncond = model.conditioning.for_samples(seeds)
     scheduler = make_scheduler(config.scheduler, model.scheduler_config)
-    latents = initial_latents(model.adapter.input_specs(model.unet)[0].concrete(1)[1:], seeds)
+    shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
 
     def images(denoiser: TorchDenoiser) -> torch.Tensor:
-        final = run_sampler(denoiser, scheduler, config.steps, latents, cond, uncond,
-                            model.conditioning.guidance_scale, record=False).final
-        return latents_to_images(final)
+        finals = []  # in the check's batches: a quantized graph's rounding can depend on the batch it runs in
+        for start in range(0, len(seeds), VALIDATION_BATCH):
+            chunk = seeds[start:start + VALIDATION_BATCH]
+            cond, uncond = model.conditioning.for_samples(chunk)
+            finals.append(run_sampler(denoiser, scheduler, config.steps, initial_latents(shape, chunk), cond, uncond,
+                                      model.conditioning.guidance_scale, record=False).final)
+        return latents_to_images(torch.cat(finals))
 
     fp = images(TorchDenoiser(model.adapter.wrap(model.unet).eval(), names))
     shipped = images(TorchDenoiser(load_reference(out / "reference.pt2"), names, stateful=stateful))
@@ -81,6 +85,7 @@ def test_build_records_the_held_out_check_and_folds_only_accepted_tables(build_f
     result = build_factory("tiny-unet2d", "w8a8", compensation="tcec", tcec_variant="m0", write_report=True)
     compensation = result.manifest["compensation"]
     validation = compensation["validation"]
+    assert len(validation["seeds"]) >= VALIDATION_MIN_SEEDS
     inputs = [i["name"] for i in result.manifest["io"]["inputs"]]
     folded = bool(compensation.get("folded"))
     config = BuildConfig.from_dict(result.manifest["build"])

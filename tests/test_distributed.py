@@ -121,7 +121,7 @@ def test_torchrun_cli_build_matches_single_process_build(tmp_path):
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
     common = ["build", "tiny-unet2d", "--precision", "w8a8", "--steps", "2", "--calib-samples", "16",
-              "--parity-samples", "1"]
+              "--parity-samples", "1", "--compensation", "none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "qdc_export.cli", *common,
                     "--distributed", "--out", str(tmp_path / "dist")], check=True, env=env)

@@ -67,7 +67,7 @@ class _Timer:
 
 def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPlan:
     excluded = tuple(model.adapter.default_float_layers) + tuple(config.exclude)
-    if config.ptq == "svdquant":
+    if config.ptq_transform == "svdquant":
         excluded += (SVDQUANT_FLOAT_GLOB,)  # SVDQuant's low-rank branch stays float
     # w4a16: no activation quantization; w4a4: INT4 dynamic group activations come from the INT4 pass
     activation_bits = {"w4a16": None, "w4a4": None}.get(config.precision, 8)

@@ -88,7 +88,9 @@ def main() -> None:
 @click.option("--quantize-attention/--no-quantize-attention", default=False, show_default=True)
 @click.option("--include", multiple=True, help="glob of layers to quantize even if float by default")
 @click.option("--exclude", multiple=True, help="glob of layers to keep in float")
-@click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default="none", show_default=True)
+@click.option("--compensation", type=click.Choice(["none", "tcec", "ptqd", "tac"]), default=None,
+              help="error compensation folded into the engine  [default: tcec, none for fp32; the held-out check "
+                   "(--comp-validate) keeps it out when it does not help]")
 @click.option("--tcec-variant", type=click.Choice(["m0", "m1-analytic", "m1-fitted"]), default="m0", show_default=True)
 @click.option("--comp-fit-bias/--no-comp-fit-bias", default=True, show_default=True,
               help="also fit a per-step, per-channel bias")
@@ -96,7 +98,8 @@ def main() -> None:
               show_default=True, help="fit target of the m1-fitted variant")
 @click.option("--comp-ridge", type=float, default=1e-3, show_default=True, help="ridge strength (relative)")
 @click.option("--comp-validate/--no-comp-validate", default=True, show_default=True,
-              help="fold the tables only if they raise PSNR vs FP on held-out seeds")
+              help="fold the tables only if their PSNR gain vs FP on >= 16 held-out seeds (every class) exceeds its "
+                   "standard error")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--trt-batch-range", default="1:2:8", show_default=True,
               help="TensorRT optimization profile batch MIN:OPT:MAX (--target tensorrt)")
@@ -107,7 +110,10 @@ def main() -> None:
 @click.option("--trt-version", default="", help="TensorRT version to check the rules against "
               "(--target tensorrt; default: the oldest the [gpu] extra installs)")
 @click.option("--parity-samples", type=int, default=4, show_default=True)
-@click.option("--ptq", type=click.Choice(["rtn", "svdquant"]), default="rtn", show_default=True, help="INT4 PTQ method (svdquant: w4a4/w4a8)")
+@click.option("--ptq", default=None, metavar="RECIPE",
+              help="INT4 PTQ recipe: rtn, gptq, awq, awq+gptq (awq: w4a16/w4a8), svdquant, svdquant+gptq "
+                   "(svdquant: any 4-bit)  [default: the best measured per precision: "
+                   "w4a16 gptq, w4a8 and w4a4 svdquant+gptq]")
 @click.option("--svdquant-rank", type=int, default=32, show_default=True, help="rank of SVDQuant's low-rank branch")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="build folder to create")
@@ -148,8 +154,10 @@ def build(model, precision, scheduler, scheduler_config, scheduler_override, ste
     validation = compensation.get("validation")
     if validation:
         verdict = "NOT folded" if compensation.get("rejected") else "folded"
-        click.echo(f"compensation {compensation['method']} {verdict}: final-image PSNR vs FP on held-out seeds "
-                   f"{validation['psnr_without_db']:.2f} dB without, {validation['psnr_with_db']:.2f} dB with"
+        click.echo(f"compensation {compensation['method']} {verdict}: final-image PSNR vs FP on "
+                   f"{len(validation['seeds'])} held-out seeds {validation['psnr_without_db']:.2f} dB without, "
+                   f"{validation['psnr_with_db']:.2f} dB with (gain {validation['gain_db']:+.2f} +- "
+                   f"{validation.get('gain_se_db', 0.0):.2f} dB)"
                    + (" (--no-comp-validate folds it anyway)" if compensation.get("rejected") else ""))
     if result.parity:
         click.echo(summarize(result.parity))

@@ -15,7 +15,6 @@ OBSERVERS = ("minmax", "percentile", "mse")
 COMPENSATIONS = ("none", "tcec", "ptqd", "tac")
 TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
 TARGETS = ("onnxruntime", "tensorrt")
-PTQ_METHODS = ("rtn", "svdquant")
 WEIGHT_BLOCK_SIZES = (64, 128)
 # Seed sets (tests/test_seeds.py checks they are disjoint at these maxima): calibration, compensation-fit and
 # held-out seeds are blocks of 1000 per --seed from 100 000 on (calibrate.calibration_seeds; the fit and held-out
@@ -27,6 +26,40 @@ TRT_FLOAT_TYPES = ("fp16", "bf16")
 # onnxruntime forms and their manifests stay exactly what they were before these options existed.
 TRT_CONV_MODES = ("int8", "float")  # convolutions of a TensorRT W4A16 build (INT4 runs only in GEMMs there)
 TRT_ONLY_KEYS = ("trt_float", "trt_version", "trt_conv")
+# INT4 PTQ recipes: at most one transform of the layer (AWQ scaling or SVDQuant smoothing + low rank), then the
+# rounding of the INT4 weights (round-to-nearest with clip search, or GPTQ on the same grid and scales).
+PTQ_TRANSFORMS = {"awq": ("w4a16", "w4a8"), "svdquant": ("w4a16", "w4a8", "w4a4")}
+PTQ_ROUNDINGS = ("rtn", "gptq")
+PTQ_RECIPES = ("rtn", "gptq", "awq", "awq+gptq", "svdquant", "svdquant+gptq")
+# What a build uses when --ptq is not given: the best recipe measured per precision (benchmarks/results/
+# fidelity.md, digits-uncond and digits-cond, DDIM 20). Precisions without INT4 weights have no recipe: "rtn".
+DEFAULT_PTQ = {"w4a16": "gptq", "w4a8": "svdquant+gptq", "w4a4": "svdquant+gptq"}
+
+
+def parse_ptq(text: str, precision: str) -> str:
+    """A recipe such as "awq+gptq" -> its canonical form (transform first, "+rtn" dropped); one-line errors."""
+    parts = [p.strip().lower() for p in str(text).split("+")]
+    if any(not p for p in parts):
+        raise UserError(f"--ptq {text!r}: empty part; write e.g. gptq or awq+gptq")
+    unknown = [p for p in parts if p not in PTQ_TRANSFORMS and p not in PTQ_ROUNDINGS]
+    if unknown:
+        raise UserError(f"--ptq {text!r}: unknown part {unknown[0]!r}; recipes: {', '.join(PTQ_RECIPES)}")
+    transforms = [p for p in parts if p in PTQ_TRANSFORMS]
+    roundings = [p for p in parts if p in PTQ_ROUNDINGS]
+    if len(transforms) > 1 or len(roundings) > 1:
+        raise UserError(f"--ptq {text!r}: at most one of {', '.join(PTQ_TRANSFORMS)} and one of "
+                        f"{', '.join(PTQ_ROUNDINGS)}; recipes: {', '.join(PTQ_RECIPES)}")
+    rounding = roundings[0] if roundings else "rtn"
+    recipe = "+".join(transforms + ([rounding] if rounding != "rtn" or not transforms else []))
+    if not precision.startswith("w4"):
+        if recipe != "rtn":
+            raise UserError(f"--ptq {recipe} applies to INT4 weights (w4a16, w4a8, w4a4), not {precision}")
+        return recipe
+    for transform in transforms:
+        if precision not in PTQ_TRANSFORMS[transform]:
+            raise UserError(f"--ptq {recipe}: {transform} applies to {' and '.join(PTQ_TRANSFORMS[transform])}, "
+                            f"not {precision}")
+    return recipe
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -47,7 +80,8 @@ class BuildConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     guidance_scale: float | None = None
-    compensation: str = "none"
+    # None: tcec for quantized precisions (with the held-out check below), none for fp32
+    compensation: str | None = None
     tcec_variant: str = "m0"
     # Bias on by default: at 4-bit weights most of the accumulated error is a per-channel offset, not a
     # scaling (benchmarks/results/fidelity.md); at W8A8 it costs nothing measurable.
@@ -62,7 +96,7 @@ class BuildConfig:
     trt_version: str = ""  # TensorRT version the rules are checked against; "" = the oldest the [gpu] extra allows
     trt_conv: str = "int8"  # W4A16 --target tensorrt: convolutions W8A8 (INT8 Q/DQ) or left in the float type
     parity_samples: int = 4
-    ptq: str = "rtn"
+    ptq: str | None = None  # a PTQ recipe (PTQ_RECIPES); None: DEFAULT_PTQ of the precision
     svdquant_rank: int = 32
     weight_block_size: int = 64
     # Explicit changes to the model's own scheduler config (e.g. {"clip_sample": false}); empty = sample exactly
@@ -72,6 +106,10 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.compensation is None:
+            object.__setattr__(self, "compensation", "tcec" if self.precision != "fp32" else "none")
+        ptq = self.ptq if self.ptq is not None else DEFAULT_PTQ.get(self.precision, "rtn")
+        object.__setattr__(self, "ptq", parse_ptq(ptq, self.precision))
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("observer", self.observer, OBSERVERS)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -88,11 +126,8 @@ class BuildConfig:
             raise UserError(f"--seed must be >= 0, got {self.seed}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
-        _check_choice("ptq", self.ptq, PTQ_METHODS)
         if self.weight_block_size not in WEIGHT_BLOCK_SIZES:
             raise UserError(f"weight block size must be one of {WEIGHT_BLOCK_SIZES}, got {self.weight_block_size}")
-        if self.ptq == "svdquant" and self.precision not in ("w4a4", "w4a8"):
-            raise UserError(f"--ptq svdquant applies to w4a4 and w4a8, not {self.precision}")
         if self.svdquant_rank < 1:
             raise UserError(f"--svdquant-rank must be >= 1, got {self.svdquant_rank}")
         if self.precision == "w4a4" and self.target == "tensorrt":
@@ -125,6 +160,18 @@ class BuildConfig:
     @property
     def quantized(self) -> bool:
         return self.precision != "fp32"
+
+    @property
+    def ptq_transform(self) -> str | None:
+        """"awq", "svdquant" or None."""
+        first = self.ptq.split("+")[0]
+        return first if first in PTQ_TRANSFORMS else None
+
+    @property
+    def ptq_rounding(self) -> str:
+        """"rtn" or "gptq"."""
+        last = self.ptq.split("+")[-1]
+        return last if last in PTQ_ROUNDINGS else "rtn"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

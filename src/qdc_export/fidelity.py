@@ -48,7 +48,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "tcec_variant": "m1-fitted",
         "comp_target": "cumulative",
     },
-    # what `--compensation tcec` builds: m=0 + bias, folded only if it raises PSNR on held-out seeds
+    # what `qdc-export build` does by default: TCEC m=0 + bias, folded only if its held-out gain exceeds its s.e.
     "tcec-default": {"compensation": "tcec", "tcec_variant": "m0", "comp_fit_bias": True, "comp_validate": True},
     "tcec-m1-fitted-cumulative-bias": {
         "compensation": "tcec",
@@ -66,14 +66,11 @@ SAMPLERS: dict[str, tuple[str, int]] = {
     "euler30": ("euler", 30),
 }
 DEFAULT_SAMPLERS = ("ddim20", "ddim50", "dpmsolver++20", "euler30")
-PTQ_SUFFIX = "+svdquant"  # a row's precision label: "w4a4" (round-to-nearest PTQ) or "w4a4+svdquant"
-
-
 def precision_fields(label: str) -> dict[str, Any]:
-    """BuildConfig fields of a precision label: "w4a8" -> RTN, "w4a8+svdquant" -> SVDQuant PTQ."""
-    if label.endswith(PTQ_SUFFIX):
-        return {"precision": label[: -len(PTQ_SUFFIX)], "ptq": "svdquant"}
-    return {"precision": label, "ptq": "rtn"}
+    """BuildConfig fields of a row's precision label, "<precision>[+<PTQ recipe>]": "w4a8" is round-to-nearest
+    (the rows measured before recipes existed keep their meaning), "w4a8+svdquant+gptq" that recipe."""
+    precision, _, recipe = label.partition("+")
+    return {"precision": precision, "ptq": recipe or "rtn"}
 
 Progress = Callable[[str], None]
 

@@ -1,8 +1,8 @@
-"""The INT4 part of the build (w4a16, w4a8, w4a4; PTQ rtn or svdquant), called from build_graph:
+"""The INT4 part of the build (w4a16, w4a8, w4a4; a PTQ recipe, config.PTQ_RECIPES), called from build_graph:
 
-record layer inputs on a calibration trajectory -> [svdquant] -> [w4a8: PT2E INT8 activation observers,
-calibration, Q/DQ] -> INT4 weights (clip search on the recorded inputs) [+ w4a4 dynamic group INT4
-activations]."""
+record layer inputs on calibration trajectories -> [awq | svdquant] -> [w4a8: PT2E INT8 activation observers,
+calibration, Q/DQ] -> INT4 weights (rtn: clip search on the recorded inputs; gptq: GPTQ rounding with the
+Hessian of the recorded inputs, same grid and scales) [+ w4a4 dynamic group INT4 activations]."""
 
 from __future__ import annotations
 
@@ -18,9 +18,14 @@ from .passes.annotate import QuantizationPlan
 from .passes.int4 import _CONV, _LINEAR, Int4Options, _weight_value, compute_layers, insert_recorders, quantize_int4, remove_recorders, select_layers, \
     weight_bytes_by_dtype
 from .passes.qdq import insert_observers, materialize_qdq
+from .passes.awq import AwqOptions, awq
 from .passes.svdquant import HOLDER, SvdQuantOptions, svdquant
 
 RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip search / SVDQuant
+# AWQ and GPTQ fit more than one number per layer (a scale per input channel; every rounding decision):
+# they record more trajectories and several batch items per call (both halves of a guided batch)
+RECORD_SAMPLES_FITTED = 4
+RECORD_ITEMS_FITTED = 4
 ACTIVATION_GROUP = 64
 
 
@@ -66,14 +71,24 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     if int8_convs:
         info["int8_layers"] = int8_convs
     calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
+    fitted = config.ptq_transform == "awq" or config.ptq_rounding == "gptq"
+    samples, items = (RECORD_SAMPLES_FITTED, RECORD_ITEMS_FITTED) if fitted else (RECORD_SAMPLES, 1)
     with timer.stage("record_activations"):
-        rec = insert_recorders(gm, quantized)
-        run_calibration(gm, **calib, samples=min(RECORD_SAMPLES, config.calib_samples))
+        rec = insert_recorders(gm, quantized, items=items)
+        run_calibration(gm, **calib, samples=min(samples, config.calib_samples))
         removed, activations = remove_recorders(gm)
-    info["passes"].append({"name": "record_layer_inputs", "modified": False, "layers": rec.details["recorders"]})
-    if config.ptq == "svdquant":
+    info["passes"].append({"name": "record_layer_inputs", "modified": False, "layers": rec.details["recorders"],
+                           "trajectories": min(samples, config.calib_samples), "batch_items_per_call": items})
+    info["ptq"] = config.ptq
+    if config.ptq_transform == "awq":
+        awq_options = AwqOptions(block_size=config.weight_block_size,
+                                 activation="int8-tensor" if config.precision == "w4a8" else "none")
+        with timer.stage("awq"):
+            result, activations = awq(gm, quantized, activations, awq_options)
+        info["passes"].append({"name": "awq", "modified": result.modified, **result.details})
+    if config.ptq_transform == "svdquant":
         options = SvdQuantOptions(rank=config.svdquant_rank, block_size=config.weight_block_size,
-                                  activation="int4-group" if config.precision == "w4a4" else "int8-tensor",
+                                  activation={"w4a4": "int4-group", "w4a8": "int8-tensor"}.get(config.precision, "none"),
                                   activation_group=ACTIVATION_GROUP)
         with timer.stage("svdquant"):
             result, activations = svdquant(gm, quantized, activations, options)
@@ -102,7 +117,7 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
             converted = materialize_qdq(observed.module)
         info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
         gm = converted.module
-    options4 = Int4Options(block_size=config.weight_block_size,
+    options4 = Int4Options(block_size=config.weight_block_size, rounding=config.ptq_rounding,
                            activation_group=ACTIVATION_GROUP if config.precision == "w4a4" else None)
     with timer.stage("quantize_int4"):
         result = quantize_int4(gm, quantized, options4, activations)

@@ -181,16 +181,22 @@ def activation_group(channels: int, group: int) -> int:
 
 
 class InputRecorder(torch.nn.Module):
-    """Identity that keeps a few of the tensors it sees (first batch item of up to ``max_calls`` calls)."""
+    """Identity that keeps a few of the tensors it sees: ``items`` batch items (spread over the batch, so a
+    classifier-free-guidance batch [uncond; cond] gives both halves when items >= 2) of up to ``max_calls``
+    calls. items = 1 keeps the first item, as RTN and SVDQuant builds always have."""
 
-    def __init__(self, max_calls: int = 64) -> None:
+    def __init__(self, max_calls: int = 64, items: int = 1) -> None:
         super().__init__()
         self.max_calls = max_calls
+        self.items = items
         self.seen: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.seen) < self.max_calls:
-            self.seen.append(x[:1].detach().float().clone())
+            batch = x.shape[0]
+            index = torch.linspace(0, batch - 1, min(self.items, batch)).round().long() if self.items > 1 \
+                else torch.tensor([0])
+            self.seen.append(x[index].detach().float().clone())
         return x
 
 
@@ -216,7 +222,8 @@ def select_layers(gm: torch.fx.GraphModule, float_globs: tuple[str, ...], includ
     return quantized, kept
 
 
-def insert_recorders(gm: torch.fx.GraphModule, layers: Iterable[str], prefix: str = "unet.") -> PassResult:
+def insert_recorders(gm: torch.fx.GraphModule, layers: Iterable[str], prefix: str = "unet.",
+                     items: int = 1) -> PassResult:
     """Needs: Conv/Linear calls with get_attr weights. Guarantees: an :class:`InputRecorder` on the input of
     each named layer (remove with :func:`remove_recorders`)."""
     wanted = set(layers)
@@ -225,7 +232,7 @@ def insert_recorders(gm: torch.fx.GraphModule, layers: Iterable[str], prefix: st
         if name not in wanted:
             continue
         target = RECORDER_PREFIX + name.replace(".", "_")
-        gm.add_submodule(target, InputRecorder())
+        gm.add_submodule(target, InputRecorder(items=items))
         with gm.graph.inserting_before(node):
             rec = gm.graph.call_module(target, (node.args[0],))
         node.update_arg(0, rec)
@@ -273,7 +280,7 @@ def input_rows(node: torch.fx.Node, weight_shape: Sequence[int], samples: list[t
         if groups != 1 or isinstance(padding, str):
             return None
         cols = [F.unfold(s, kernel, dilation=dilation, padding=padding, stride=stride) for s in samples]
-        rows = torch.cat([c[0].T for c in cols])
+        rows = torch.cat([c.transpose(1, 2).reshape(-1, c.shape[1]) for c in cols])  # every batch item
     if rows.shape[0] > max_rows:
         index = torch.linspace(0, rows.shape[0] - 1, max_rows).round().long()
         rows = rows[index]
@@ -290,6 +297,8 @@ class Int4Options:
     block_size: int = 64
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     activation_group: int | None = None  # w4a4: INT4 dynamic group activations
+    rounding: str = "rtn"  # or "gptq" (qdc_export.passes.gptq), same grid and scales layout
+    gptq: Any = None  # GptqOptions; None = its defaults
     prefix: str = "unet."
 
 
@@ -329,9 +338,20 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
         require(w.dim() in (2, 4), "quantize_int4", f"{name}: unexpected weight rank {w.dim()}")
         w2d = w.reshape(w.shape[0], -1)
         # popped: each layer's recorded inputs are freed once its clip ratio is chosen (3.8 GB on SDXL)
-        rows = input_rows(node, w.shape, activations.pop(name, []))
-        ratio, errors = search_clip_ratio(w2d, rows, options.block_size, options.clip_ratios)
-        q, scale = quantize_blockwise(w2d, options.block_size, ratio)
+        samples = activations.pop(name, [])
+        found = None
+        if options.rounding == "gptq" and samples:
+            from .gptq import round_layer  # gptq imports this module
+
+            found = round_layer(node, w.shape, w2d, samples, options.block_size, options.clip_ratios, options.gptq)
+        if found is not None:
+            q, scale, ratio, record = found
+        else:
+            rows = input_rows(node, w.shape, samples)
+            ratio, errors = search_clip_ratio(w2d, rows, options.block_size, options.clip_ratios)
+            q, scale = quantize_blockwise(w2d, options.block_size, ratio)
+            record = {"rounding": "rtn", "error_ratio_1": errors.get(1.0), "error_chosen": errors.get(ratio)}
+        del samples
         key = name.replace(".", "_")
         holder.register_buffer(f"{key}_q", q)
         holder.register_buffer(f"{key}_scale", scale)
@@ -356,14 +376,16 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
         if not weight_node.users:
             graph.erase_node(weight_node)
             _delete_attr(gm, str(weight_node.target))
-        base_error = errors.get(1.0)
-        per_layer[name] = {"clip_ratio": ratio, "shape": list(w.shape), "blocks": int(scale.shape[1]),
-                           "error_ratio_1": base_error, "error_chosen": errors.get(ratio)}
+        per_layer[name] = {"clip_ratio": ratio, "shape": list(w.shape), "blocks": int(scale.shape[1]), **record}
     if per_layer:
         gm.graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(per_layer), {"int4_layers": len(per_layer), "block_size": options.block_size,
-                                            "activation_group": options.activation_group, "layers": per_layer})
+    details: dict[str, Any] = {"int4_layers": len(per_layer), "block_size": options.block_size,
+                               "activation_group": options.activation_group, "rounding": options.rounding}
+    if options.rounding == "gptq":
+        details["gptq_layers"] = sum(1 for v in per_layer.values() if v["rounding"] == "gptq")
+    return PassResult(gm, bool(per_layer), {**details, "layers": per_layer})
+
 
 
 # --------------------------------------------------------------------------------------------------

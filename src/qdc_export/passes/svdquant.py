@@ -1,4 +1,5 @@
-"""SVDQuant (Li et al., ICLR 2025) as an FX pass, for w4a4 and w4a8.
+"""SVDQuant (Li et al., ICLR 2025) as an FX pass, for w4a4 and w4a8 (and w4a16, where only the weights are
+rounded: the low-rank branch then takes the weights' largest directions out of INT4, at its size cost).
 
 Per quantized layer with weight W (input channel j) and recorded inputs X:
 
@@ -46,13 +47,15 @@ class SvdQuantOptions:
     rank: int = 32
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     block_size: int = 64
-    activation: str = "int4-group"  # or "int8-tensor"
+    activation: str = "int4-group"  # or "int8-tensor" (w4a8), "none" (w4a16: weight-only)
     activation_group: int = 64
     rank_divisor: int = 4
     prefix: str = "unet."
 
 
 def _act_quant(x: torch.Tensor, axis: int, options: SvdQuantOptions) -> torch.Tensor:
+    if options.activation == "none":
+        return x
     if options.activation == "int4-group":
         return fake_quantize_int4_group(x, axis, activation_group(x.shape[axis], options.activation_group))
     scale = torch.clamp(x.abs().amax() / 127.0, min=2.0**-12)
