@@ -55,9 +55,11 @@ class ParityTolerances:
     step_min_cosine: float = 0.998
     trajectory_psnr_margin_db: float = 1.0  # added to the noisy reference's own trajectory gap
     noise_floor_margin_db: float = 3.0  # how far below its own noisy self-agreement an engine step may fall
-    # Size of the rounding noise on every quantizer input. 4 ulp reproduced ONNX Runtime's own disagreement on
-    # tiny-sdxl W8A8 (step-0 SNR 30.0 vs 30.5 dB, trajectory gap 0.47 vs 0.42 dB); 1 ulp missed its step-0 flip.
-    noise_ulps: float = 4.0
+    # Size of the rounding noise on every quantizer input: ONNX Runtime's FP32 kernels differ from PyTorch's by
+    # about 16 ulp (FP32 exports: max abs 2e-6 on outputs of order 1). Measured: 1 ulp missed ONNX Runtime's
+    # step-0 flip on tiny-sdxl W8A8 and 4 ulp one on a tiny-unet2d W4A4 build (11.4 dB at a step whose 4-ulp
+    # floor was 122 dB); benchmarks/results/noise_floor.md.
+    noise_ulps: float = 16.0
 
 
 class RecordingDenoiser:
@@ -189,16 +191,31 @@ def _step_noise_floor(module: Any, feeds: list[OrderedDict[str, np.ndarray]], re
             "ulps": ulps,
             "per_step_snr_db": [min(d[k]["snr_db"] for d in draws) for k in range(len(feeds))],
             "per_step_cosine": [min(d[k]["cosine"] for d in draws) for k in range(len(feeds))],
-            "by_draw_snr_db": {k: [s["snr_db"] for s in v] for k, v in by_draw.items()}}
+            "by_draw_snr_db": {k: [s["snr_db"] for s in v] for k, v in by_draw.items()},
+            "by_draw_cosine": {k: [s["cosine"] for s in v] for k, v in by_draw.items()}}
 
 
-def required_step_thresholds(floor: dict, tol: ParityTolerances) -> tuple[list[float], list[float]]:
-    """Per step: SNR >= min(absolute, floor - margin); cosine likewise, with the margin applied to 1 - cosine
-    (for small errors 1 - cosine is proportional to noise / signal, so margin dB on SNR is a factor
-    10**(margin/10) on 1 - cosine)."""
+def _rank_floor(by_draw: dict[str, list[float]]) -> list[float]:
+    """The floor's order statistics: the i-th worst step of each draw, the worst of the draws."""
+    ranked = [sorted(values) for values in by_draw.values()]
+    return [min(r[i] for r in ranked) for i in range(len(ranked[0]))]
+
+
+def required_step_thresholds(floor: dict, engine_steps: list[dict[str, float]],
+                             tol: ParityTolerances) -> tuple[list[float], list[float]]:
+    """Per step: SNR >= min(absolute, floor - margin), cosine likewise with the margin applied to 1 - cosine (for
+    small errors 1 - cosine is proportional to noise / signal: margin dB on SNR is a factor 10**(margin/10)).
+
+    A flip is a rare event that lands on a step at random, in the engine as in the noisy reference, so steps are
+    matched by rank, not by index: the engine's i-th worst step is held to the floor's i-th worst step (the
+    worse of the draws). One flip at step 3 in the engine and at step 7 under the noise is then the same event;
+    a broken engine, bad at every step, still fails at the ranks where the floor is high."""
     factor = 10 ** (tol.noise_floor_margin_db / 10)
-    snr = [min(tol.step_min_snr_db, f - tol.noise_floor_margin_db) for f in floor["per_step_snr_db"]]
-    cos = [min(tol.step_min_cosine, 1.0 - (1.0 - c) * factor) for c in floor["per_step_cosine"]]
+    snr_floor, cos_floor = _rank_floor(floor["by_draw_snr_db"]), _rank_floor(floor["by_draw_cosine"])
+    snr_rank = np.argsort(np.argsort([s["snr_db"] for s in engine_steps], kind="stable"), kind="stable")
+    cos_rank = np.argsort(np.argsort([s["cosine"] for s in engine_steps], kind="stable"), kind="stable")
+    snr = [min(tol.step_min_snr_db, snr_floor[r] - tol.noise_floor_margin_db) for r in snr_rank]
+    cos = [min(tol.step_min_cosine, 1.0 - (1.0 - cos_floor[r]) * factor) for r in cos_rank]
     return snr, cos
 
 
@@ -240,7 +257,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     step_passed: list[bool] = []
     if floor is not None:
         # Polygraphy's SNR and cosine compare functions, one step at a time with that step's threshold
-        snr_req, cos_req = required_step_thresholds(floor, tol)
+        snr_req, cos_req = required_step_thresholds(floor, per_step, tol)
         for k, (ref_it, ort_it) in enumerate(zip(torch_iters, ort_iters)):
             funcs = [SnrCompareFunc(snr_threshold=snr_req[k]),
                      CosineSimilarityCompareFunc(cosine_similarity_threshold=cos_req[k])]
@@ -268,7 +285,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     }
     passed = all(step_passed)
     if floor is not None and fp_images is not None:
-        snr_req, cos_req = required_step_thresholds(floor, tol)
+        snr_req, cos_req = required_step_thresholds(floor, per_step, tol)
         report["noise_floor"] = {**floor, "required_snr_db": snr_req, "required_cosine": cos_req,
                                  "step_passed": step_passed}
         ort_final = _trajectories(case, seeds, OrtDenoiser(session)).final
