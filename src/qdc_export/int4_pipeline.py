@@ -93,30 +93,25 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
         with timer.stage("svdquant"):
             result, activations = svdquant(gm, quantized, activations, options)
         info["passes"].append({"name": "svdquant", "modified": result.modified, **result.details})
-    if plan.activation_bits:  # w4a8: INT8 per-tensor activations through PT2E (weights left to the INT4 pass)
+    def int8_qdq(gm: torch.fx.GraphModule, int8_plan: Any, **record: str) -> torch.fx.GraphModule:
+        """INT8 Q/DQ through PT2E for the layers ``int8_plan`` quantizes: observe, calibrate, materialize."""
         with timer.stage("insert_observers"):
-            observed, _ = insert_observers(gm, plan)
+            observed, _ = insert_observers(gm, int8_plan)
         info["passes"].append({"name": "insert_observers", "modified": observed.modified,
-                               "observers": observed.details["observers"]})
+                               "observers": observed.details["observers"], **record})
         with timer.stage("calibrate"):
             run_calibration(observed.module, **calib, samples=config.calib_samples)
         with timer.stage("materialize_qdq"):
             converted = materialize_qdq(observed.module)
         info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
-        gm = converted.module
+        return converted.module
+
+    if plan.activation_bits:  # w4a8: INT8 per-tensor activations through PT2E (weights left to the INT4 pass)
+        gm = int8_qdq(gm, plan)
     if int8_convs:  # TensorRT W4A16: the convolutions as W8A8 (INT8 Q/DQ through PT2E), nothing else
         others = tuple(name for name, _ in compute_layers(gm) if name not in int8_convs)
         conv_plan = dataclasses.replace(plan, weight_bits=8, activation_bits=8, float_layers=others, include=())
-        with timer.stage("insert_observers"):
-            observed, _ = insert_observers(gm, conv_plan)
-        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
-                               "observers": observed.details["observers"], "layers": "int8 convolutions"})
-        with timer.stage("calibrate"):
-            run_calibration(observed.module, **calib, samples=config.calib_samples)
-        with timer.stage("materialize_qdq"):
-            converted = materialize_qdq(observed.module)
-        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
-        gm = converted.module
+        gm = int8_qdq(gm, conv_plan, layers="int8 convolutions")
     options4 = Int4Options(block_size=config.weight_block_size, rounding=config.ptq_rounding,
                            activation_group=ACTIVATION_GROUP if config.precision == "w4a4" else None)
     with timer.stage("quantize_int4"):
