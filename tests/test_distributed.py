@@ -20,6 +20,17 @@ from qdc_export.errors import UserError
 CALIB = {"scheduler_name": "ddim", "steps": 2, "seed": 0, "samples": 4, "batch": 1}  # 4 batches: 2 per process
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread, as in each torchrun process; restored afterwards, so later tests (and the builds they
+    share through build_factory) keep conftest's thread count (a leaked 1 made later builds differ from earlier
+    ones of the same options)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def observed_tiny(observer: str = "percentile"):
     from qdc_export.build import quantization_plan
     from qdc_export.capture import capture
@@ -27,7 +38,6 @@ def observed_tiny(observer: str = "percentile"):
     from qdc_export.loading import load_model
     from qdc_export.passes.qdq import insert_observers
 
-    torch.set_num_threads(1)
     model = load_model("tiny-unet2d")
     gm, _ = capture(model.unet, model.adapter)
     observed, _ = insert_observers(gm, quantization_plan(BuildConfig(precision="w8a8", observer=observer), model))
