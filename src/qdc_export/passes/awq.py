@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from .base import PassResult
-from .int4 import _CONV, compute_layers, fake_quantize_blockwise, input_rows
+from .int4 import _CONV, _weight_value, fake_quantize_blockwise, holder_submodule, input_rows, layers_with_inputs
 from .svdquant import _replace_attr
 
 HOLDER = "qdc_awq"  # submodule holding the 1/s factors (buffers only: no new layers)
@@ -94,20 +94,13 @@ def awq(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, 
     """Needs: float Conv2d/Linear calls with get_attr weights and recorded inputs per layer.
     Guarantees: per layer, ``x * (1/s)`` on its input and the weight replaced by W * s (both float; the
     layer's output is unchanged up to float rounding). Returns the inputs as the layer now sees them (x / s)."""
-    wanted = set(layers)
-    if not hasattr(gm, HOLDER):
-        gm.add_submodule(HOLDER, torch.nn.Module())
-    holder = gm.get_submodule(HOLDER)
+    holder = holder_submodule(gm, HOLDER)
     scaled_inputs = dict(activations)
     per_layer: dict[str, dict[str, Any]] = {}
     graph = gm.graph
-    for name, node in list(compute_layers(gm, options.prefix)):
-        samples = activations.get(name, [])
-        if name not in wanted or not samples:
-            continue
-        weight_node = node.args[1]
-        target = str(weight_node.target)
-        w = (gm.get_parameter(target) if target in dict(gm.named_parameters()) else gm.get_buffer(target)).detach().float()
+    for name, node, samples in layers_with_inputs(gm, layers, activations, options.prefix):
+        target = str(node.args[1].target)
+        w = _weight_value(gm, node.args[1]).detach().float()
         found = awq_scales(node, w, samples, options)
         if found is None:
             continue

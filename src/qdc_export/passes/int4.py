@@ -308,6 +308,22 @@ def _holder(gm: torch.fx.GraphModule) -> torch.nn.Module:
     return gm.get_submodule(INT4_ATTR)
 
 
+def layers_with_inputs(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, list[torch.Tensor]],
+                       prefix: str) -> list[tuple[str, torch.fx.Node, list[torch.Tensor]]]:
+    """(name, node, recorded inputs) of the wanted layers that have recorded inputs, in graph order; a list, so
+    callers may edit the graph while they walk it (the per-layer loop of AWQ and SVDQuant)."""
+    wanted = set(layers)
+    return [(name, node, activations[name]) for name, node in compute_layers(gm, prefix)
+            if name in wanted and activations.get(name)]
+
+
+def holder_submodule(gm: torch.fx.GraphModule, name: str) -> torch.nn.Module:
+    """The buffer-only submodule ``name`` of ``gm`` that a pass puts its constants in (created on first use)."""
+    if not hasattr(gm, name):
+        gm.add_submodule(name, torch.nn.Module())
+    return gm.get_submodule(name)
+
+
 def _weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     return gm.get_parameter(str(node.target)) if str(node.target) in dict(gm.named_parameters()) \
         else gm.get_buffer(str(node.target))

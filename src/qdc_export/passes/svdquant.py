@@ -35,8 +35,8 @@ import torch
 import torch.fx
 
 from .base import PassResult, require
-from .int4 import (_CONV, _LINEAR, activation_group, compute_layers, fake_quantize_blockwise,
-                   fake_quantize_int4_group, input_rows)
+from .int4 import (_CONV, _LINEAR, _weight_value, activation_group, fake_quantize_blockwise,
+                   fake_quantize_int4_group, holder_submodule, input_rows, layers_with_inputs)
 
 HOLDER = "qdc_svdquant"  # submodule holding smoothing factors and low-rank factors; a float-layer glob
 DEFAULT_ALPHAS: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)
@@ -134,23 +134,16 @@ def svdquant(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[
     """Needs: float Conv2d/Linear calls with get_attr weights and recorded inputs per layer.
     Guarantees: per layer, smoothing Mul on its input, the weight replaced by the float residual R and a
     low-rank float branch added to its output. Returns the inputs as the layer now sees them (X')."""
-    wanted = set(layers)
-    if not hasattr(gm, HOLDER):
-        gm.add_submodule(HOLDER, torch.nn.Module())
-    holder = gm.get_submodule(HOLDER)
+    holder = holder_submodule(gm, HOLDER)
     smoothed_inputs = dict(activations)
     per_layer: dict[str, dict[str, Any]] = {}
     graph = gm.graph
-    for name, node in list(compute_layers(gm, options.prefix)):
-        samples = activations.get(name, [])
-        if name not in wanted or not samples:
-            continue
+    for name, node, samples in layers_with_inputs(gm, layers, activations, options.prefix):
         args = list(node.args) + [None] * (7 - len(node.args))
         if node.target == _CONV and ((args[6] or 1) != 1 or isinstance(args[4], str)):
             continue
         weight_node = node.args[1]
-        w = gm.get_parameter(str(weight_node.target)).detach().float() \
-            if str(weight_node.target) in dict(gm.named_parameters()) else gm.get_buffer(str(weight_node.target)).float()
+        w = _weight_value(gm, weight_node).detach().float()
         found = svdquant_layer(node, w, samples, options)
         if found is None:
             continue
