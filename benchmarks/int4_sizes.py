@@ -22,7 +22,7 @@ def run(models: list[str], steps: int, calib: int, parity: int, variants: list[t
     from qdc_export.build import build
     from qdc_export.cli import _quiet_third_party
     from qdc_export.config import BuildConfig
-    from qdc_export.inspection import inspect_model
+    from qdc_export.report.inspection import inspect_model
 
     _quiet_third_party()
     rows = []

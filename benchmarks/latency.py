@@ -36,10 +36,10 @@ def find_or_build(
 ) -> dict[str, Path]:
     import hashlib
 
-    from qdc_export.build import build_graph
     from qdc_export.config import BuildConfig
-    from qdc_export.fidelity import SAMPLERS, export_engine, method_config, model_fingerprint
-    from qdc_export.loading import load_model
+    from qdc_export.load.models import load_model
+    from qdc_export.quantize.graph import build_graph
+    from qdc_export.report.fidelity import SAMPLERS, export_engine, method_config, model_fingerprint
 
     model = load_model(model_name)
     scheduler, steps = SAMPLERS[sampler]
@@ -135,8 +135,8 @@ class _Passthrough(torch.nn.Module):
 def head_only_ms(engine_dir: Path, batch: int, runs: int, threads: int, tmp: Path) -> float | None:
     """Median time of the folded head alone (same fold pass, same ops, passthrough model) in ONNX Runtime."""
     from qdc_export.compensation import CompensationTables
-    from qdc_export.export import export_onnx
-    from qdc_export.passes.fold_compensation import fold_compensation
+    from qdc_export.compensation.fold import fold_compensation
+    from qdc_export.export.to_onnx import export_onnx
 
     if not (engine_dir / "compensation").is_dir():
         return None

@@ -43,9 +43,10 @@ def _floor_row(report: dict) -> dict:
 def run() -> dict:
     import torch
     from engine_breakers import BREAKERS
+
     from qdc_export.build import build
-    from qdc_export.check import ParityTolerances, summarize
-    from qdc_export.checking import check_build
+    from qdc_export.check.folder import check_build
+    from qdc_export.check.parity import ParityTolerances, summarize
     from qdc_export.cli import _quiet_third_party
     from qdc_export.config import BuildConfig
 

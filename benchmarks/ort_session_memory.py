@@ -21,7 +21,7 @@ def measure(model: Path, level: str, prepack: bool) -> str:
     import onnxruntime as ort
 
     from qdc_export.engines.providers import make_session_options
-    from qdc_export.memory import reset_peak, resident_gb
+    from qdc_export.infra.memory import reset_peak, resident_gb
 
     options, providers = make_session_options(onnx.load(str(model), load_external_data=False), provider="cpu",
                                               optimization=level)

@@ -26,9 +26,9 @@ def _git(*args: str) -> str:
 
 
 def provenance() -> dict:
-    from qdc_export.manifest import package_versions
-
     import torch
+
+    from qdc_export.manifest import package_versions
 
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]),
             "commit": _git("rev-parse", "--short", "HEAD") + ("-dirty" if _git("status", "--porcelain",

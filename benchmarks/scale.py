@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from qdc_export.memory import reset_peak, resident_gb
+from qdc_export.infra.memory import reset_peak, resident_gb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
@@ -62,15 +62,15 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     from qdc_export import build as build_module
-    from qdc_export import loading
     from qdc_export.cli import _quiet_third_party
     from qdc_export.config import BuildConfig
+    from qdc_export.load import models as loading
 
     _quiet_third_party()
     import logging
 
     logging.basicConfig(format="[scale] %(message)s")
-    memory_log = logging.getLogger("qdc_export.memory")
+    memory_log = logging.getLogger("qdc_export.infra.memory")
     memory_log.setLevel(logging.INFO)  # RSS at each phase of the check, with the phase's peak
 
     class _PeakCatcher(logging.Handler):

@@ -59,9 +59,9 @@ def session(path: Path, threads: int):
 
 def overhead(build_dir: Path, *, repeats: int, warmup: int, threads: int) -> dict[str, Any]:
     from qdc_export.engines.onnxruntime import OrtDenoiser
-    from qdc_export.loading import conditioning_from_build
+    from qdc_export.load.models import conditioning_from_build
+    from qdc_export.load.plugins.base import COMP_STATE
     from qdc_export.manifest import read_manifest
-    from qdc_export.plugins.base import COMP_STATE
     from qdc_export.sampling import make_scheduler
     from qdc_export.serving import EngineUNet2DConditionModel, EngineUNet2DModel
 
@@ -127,7 +127,7 @@ def agreement(build_dir: Path, seeds: list[int]) -> dict[str, Any]:
     from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
     from qdc_export.engines.onnxruntime import OrtDenoiser
-    from qdc_export.loading import MODELS_DIR
+    from qdc_export.load.models import MODELS_DIR
     from qdc_export.manifest import read_manifest
     from qdc_export.metrics import psnr
     from qdc_export.sampling import initial_latents, make_scheduler, run_sampler

@@ -8,7 +8,7 @@
 README blocks sit between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; only their inside is
 rewritten, from benchmarks/results/{fidelity,int4,latency,scale}.json and docs/reports/*/{manifest,parity}.json.
 Each example report's report.html is re-rendered from its report/report.json, parity.json and manifest.json
-(qdc_export.report_html.render_html). Rows that predate a recorded field are marked so, never filled in."""
+(qdc_export.report.html.render_html). Rows that predate a recorded field are marked so, never filled in."""
 
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def render_readme(text: str) -> str:
 
 
 def render_report(folder: Path) -> str:
-    from qdc_export.report_html import render_html
+    from qdc_export.report.html import render_html
 
     parity = folder / "parity.json"
     return render_html(_json(folder / "manifest.json"), _json(folder / "report" / "report.json"),
@@ -326,10 +326,9 @@ def render_report(folder: Path) -> str:
 
 def report_problems(folder: Path) -> list[str]:
     """Ways a committed example report disagrees with its records or with the current manifest format."""
-    from qdc_export.build import PARITY_FILE
     from qdc_export.config import BuildConfig
-    from qdc_export.manifest import FORMAT_VERSION, canonical_json, sha256_file
     from qdc_export.errors import UserError
+    from qdc_export.manifest import FORMAT_VERSION, PARITY_FILE, canonical_json, sha256_file
 
     problems, manifest = [], _json(folder / "manifest.json")
     name = folder.name

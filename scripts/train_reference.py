@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import reference_models as ref
 import torch
 import torch.nn.functional as F
-
-from qdc_export import reference as ref
 
 
 def parse_args(argv=None):

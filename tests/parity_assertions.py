@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qdc_export.check import summarize
+from qdc_export.check.parity import summarize
 
 
 def assert_statistical_parity(report: dict[str, Any]) -> None:

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
+from parity_assertions import assert_statistical_parity
 
-from qdc_export.check import summarize
+from qdc_export.check.parity import summarize
 from qdc_export.engines.onnxruntime import OrtDenoiser
 from qdc_export.manifest import read_manifest, sha256_file
-from parity_assertions import assert_statistical_parity
 
 MODELS = ["tiny-unet2d", "tiny-sd", "tiny-sdxl"]
 
@@ -72,7 +72,7 @@ def test_check_detects_a_broken_engine(build_factory, tmp_path):
     """A check that cannot fail is worthless: swap in a different model's ONNX and expect failure."""
     import shutil
 
-    from qdc_export.checking import check_build
+    from qdc_export.check.folder import check_build
     from qdc_export.errors import UserError
 
     good = build_factory("tiny-unet2d", "w8a8").out

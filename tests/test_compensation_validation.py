@@ -11,15 +11,21 @@ import numpy as np
 import torch
 
 from qdc_export.capture import capture
-from qdc_export.checking import load_reference
-from qdc_export.compensate import VALIDATION_BATCH, VALIDATION_MIN_SEEDS, validate_compensation
+from qdc_export.check.folder import load_reference
 from qdc_export.compensation import CompensationTables
+from qdc_export.compensation.fold import fold_compensation
+from qdc_export.compensation.stage import VALIDATION_BATCH, VALIDATION_MIN_SEEDS, validate_compensation
 from qdc_export.config import BuildConfig
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 from qdc_export.metrics import psnr
-from qdc_export.passes.fold_compensation import fold_compensation
-from qdc_export.sampling import (TorchDenoiser, initial_latents, latents_to_images, make_scheduler, run_sampler,
-                                 schedule_timesteps)
+from qdc_export.sampling import (
+    TorchDenoiser,
+    initial_latents,
+    latents_to_images,
+    make_scheduler,
+    run_sampler,
+    schedule_timesteps,
+)
 
 CONFIG = BuildConfig(precision="w8a8", compensation="tcec", steps=4, calib_samples=2)
 HELD_OUT_ATOL_DB = 1e-4  # the saved and reloaded graph against the in-memory one: same kernels, same order

@@ -32,11 +32,11 @@ def _one_thread():
 
 
 def observed_tiny(observer: str = "percentile"):
-    from qdc_export.build import quantization_plan
     from qdc_export.capture import capture
     from qdc_export.config import BuildConfig
-    from qdc_export.loading import load_model
-    from qdc_export.passes.qdq import insert_observers
+    from qdc_export.load.models import load_model
+    from qdc_export.quantize.graph import quantization_plan
+    from qdc_export.quantize.qdq import insert_observers
 
     model = load_model("tiny-unet2d")
     gm, _ = capture(model.unet, model.adapter)
@@ -45,7 +45,7 @@ def observed_tiny(observer: str = "percentile"):
 
 
 def ranges_and_qparams(observed) -> dict[str, list]:
-    from qdc_export.passes.qdq import materialize_qdq
+    from qdc_export.quantize.qdq import materialize_qdq
 
     ranges = {name: (m.min_val.clone(), m.max_val.clone()) for name, m in observed.named_modules()
               if hasattr(m, "min_val")}
@@ -60,8 +60,8 @@ def ranges_and_qparams(observed) -> dict[str, list]:
 
 
 def _worker(rank: int, world: int, init_file: str, result_file: str, observer: str) -> None:
-    from qdc_export.calibrate import run_calibration
-    from qdc_export.distributed import sharded_calibration
+    from qdc_export.quantize.calibrate import run_calibration
+    from qdc_export.quantize.distributed import sharded_calibration
 
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -102,7 +102,7 @@ def assert_identical(single: dict, distributed: dict) -> None:
 
 
 def test_two_process_gloo_calibration_equals_one_process(tmp_path):
-    from qdc_export.calibrate import run_calibration
+    from qdc_export.quantize.calibrate import run_calibration
 
     distributed = run_two_processes(tmp_path)
     observed, model = observed_tiny()
@@ -111,7 +111,7 @@ def test_two_process_gloo_calibration_equals_one_process(tmp_path):
 
 
 def test_histogram_observer_and_too_few_batches_are_refused_clearly():
-    from qdc_export.distributed import CalibrationSharding
+    from qdc_export.quantize.distributed import CalibrationSharding
 
     observed, _ = observed_tiny("mse")
     with pytest.raises(UserError, match=r"observer 'mse' \(histogram\) cannot be calibrated across processes"):

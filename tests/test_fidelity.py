@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from qdc_export.engines.providers import create_session
 from qdc_export.config import BuildConfig
-from qdc_export.fidelity import Case, compare, evaluate_case, fp_latents, method_config
-from qdc_export.loading import load_model
+from qdc_export.engines.providers import create_session
+from qdc_export.load.models import load_model
+from qdc_export.report.fidelity import Case, compare, evaluate_case, fp_latents, method_config
 
 STEPS, NUM = 4, 4
 

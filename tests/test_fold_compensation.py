@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from qdc_export.capture import capture
-from qdc_export.check import summarize
+from qdc_export.check.parity import summarize
 from qdc_export.compensation import CompensationTables
+from qdc_export.compensation.fold import fold_compensation
 from qdc_export.engines.onnxruntime import OrtDenoiser
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 from qdc_export.manifest import read_manifest
-from qdc_export.passes.fold_compensation import fold_compensation
 
 TIMESTEPS = [900.0, 600.0, 300.0, 0.0]
 

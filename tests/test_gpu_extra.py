@@ -4,10 +4,10 @@ index, hence slow-marked), and the extras keep the CPU and GPU ONNX Runtime whee
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 from qdc_export.engines.trt_rules import OLDEST_SUPPORTED

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from qdc_export.capture import capture
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 from qdc_export.metrics import error_stats
-from qdc_export.passes.half import to_half
+from qdc_export.quantize.half import to_half
 
 SNR_DB_MIN = 60.0  # same ops in the same dtype; left: op-order / fused-kernel rounding differences only
 

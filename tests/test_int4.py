@@ -8,18 +8,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto
-
-from qdc_export.check import summarize
 from parity_assertions import assert_statistical_parity
+
+from qdc_export.check.parity import summarize
 from qdc_export.config import BuildConfig
 from qdc_export.engines.trt_rules import check_tensorrt_compatibility
 from qdc_export.errors import UserError
-from qdc_export.inspection import inspect_model
 from qdc_export.manifest import read_manifest
-from qdc_export.passes.int4 import (DEFAULT_CLIP_RATIOS, Int4Options, dequantize_blockwise,
-                                    fake_quantize_blockwise, fake_quantize_int4_group, insert_recorders,
-                                    pack_int4_initializers, quantize_blockwise, quantize_int4, search_clip_ratio)
-from qdc_export.passes.svdquant import SvdQuantOptions, svdquant
+from qdc_export.quantize.int4 import (
+    DEFAULT_CLIP_RATIOS,
+    Int4Options,
+    dequantize_blockwise,
+    fake_quantize_blockwise,
+    fake_quantize_int4_group,
+    insert_recorders,
+    pack_int4_initializers,
+    quantize_blockwise,
+    quantize_int4,
+    search_clip_ratio,
+)
+from qdc_export.quantize.svdquant import SvdQuantOptions, svdquant
+from qdc_export.report.inspection import inspect_model
 
 BUILDS = [  # (model, precision, overrides): each INT4 form once; tiny-sd is the SD-style reference
     ("tiny-sd", "w4a16", {}),

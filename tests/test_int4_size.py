@@ -3,10 +3,10 @@ file (issue 5), with the default recipe (conv_in, conv_out, time embeddings, sho
 
 import torch
 
-from qdc_export.build import build_graph, io_description
 from qdc_export.config import BuildConfig
-from qdc_export.export import export_onnx
-from qdc_export.loading import load_model
+from qdc_export.export.to_onnx import export_onnx
+from qdc_export.load.models import io_description, load_model
+from qdc_export.quantize.graph import build_graph
 
 REQUIRED_RATIO = 3.5
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdc_export.engines.providers import create_session
-from qdc_export.passes.onnx_weights import fold_weight_transposes
+from qdc_export.export.onnx_weights import fold_weight_transposes
 
 
 def _linear_model(per_channel: bool, weight_readers: int = 1) -> onnx.ModelProto:

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from qdc_export.build import quantization_plan
 from qdc_export.capture import capture
 from qdc_export.config import BuildConfig
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 from qdc_export.metrics import error_stats
-from qdc_export.passes.base import count_targets
-from qdc_export.passes.cleanup import remove_inference_noops
-from qdc_export.passes.qdq import insert_observers, materialize_qdq
+from qdc_export.passes import count_targets
+from qdc_export.quantize.cleanup import remove_inference_noops
+from qdc_export.quantize.graph import quantization_plan
+from qdc_export.quantize.qdq import insert_observers, materialize_qdq
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_include_and_exclude_globs_change_the_plan(captured):
 
 def test_sampler_scales_the_starting_noise_of_the_set_schedule():
     """Euler's init_noise_sigma is only right after set_timesteps (else the largest training sigma)."""
-    from qdc_export.loading import load_model
+    from qdc_export.load.models import load_model
     from qdc_export.sampling import TorchDenoiser, initial_latents, make_scheduler, run_sampler
 
     model = load_model("tiny-unet2d")
@@ -119,8 +119,8 @@ def test_sampler_scales_the_starting_noise_of_the_set_schedule():
 
 @pytest.mark.parametrize("precision", ["w8a8", "w4a16"])
 def test_sink_weight_computations_puts_each_weight_op_next_to_its_user_and_keeps_outputs(precision):
-    from qdc_export.build import build_graph
-    from qdc_export.passes.cleanup import remove_unused_weights, sink_weight_computations
+    from qdc_export.quantize.cleanup import remove_unused_weights, sink_weight_computations
+    from qdc_export.quantize.graph import build_graph
 
     model = load_model("tiny-sd")
     gm, example, _ = build_graph(model, BuildConfig(precision=precision, steps=2, calib_samples=1))

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qdc_export.errors import ModelLoadError
-from qdc_export.loading import CONFIG_PRESETS, build_preset, load_model
-from qdc_export.plugins import adapter_for, layer_is_float
+from qdc_export.load.models import CONFIG_PRESETS, build_preset, load_model
+from qdc_export.load.plugins import adapter_for, layer_is_float
 
 
 @pytest.mark.parametrize("preset, adapter_name, inputs", [

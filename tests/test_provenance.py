@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from qdc_export import fidelity, provenance
 from qdc_export.config import BuildConfig
+from qdc_export.infra import provenance
 from qdc_export.manifest import package_versions
+from qdc_export.report import fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
 

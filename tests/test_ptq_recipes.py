@@ -9,19 +9,27 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from qdc_export.build import quantization_plan
-from qdc_export.calibrate import run_calibration
 from qdc_export.capture import capture
-from qdc_export.compensate import VALIDATION_MIN_SEEDS, held_out_seeds
+from qdc_export.compensation.stage import VALIDATION_MIN_SEEDS, held_out_seeds
 from qdc_export.config import DEFAULT_PTQ, PTQ_RECIPES, BuildConfig, parse_ptq
 from qdc_export.errors import UserError
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 from qdc_export.manifest import read_manifest
-from qdc_export.passes.awq import AwqOptions, awq
-from qdc_export.passes.cleanup import remove_inference_noops
-from qdc_export.passes.gptq import GptqOptions, gptq_quantize, hessian, quantize_layer_gptq
-from qdc_export.passes.int4 import (_weight_value, compute_layers, dequantize_blockwise, input_rows,
-                                    insert_recorders, quantize_blockwise, remove_recorders, select_layers)
+from qdc_export.quantize.awq import AwqOptions, awq
+from qdc_export.quantize.calibrate import run_calibration
+from qdc_export.quantize.cleanup import remove_inference_noops
+from qdc_export.quantize.gptq import GptqOptions, gptq_quantize, hessian, quantize_layer_gptq
+from qdc_export.quantize.graph import quantization_plan
+from qdc_export.quantize.int4 import (
+    _weight_value,
+    compute_layers,
+    dequantize_blockwise,
+    input_rows,
+    insert_recorders,
+    quantize_blockwise,
+    remove_recorders,
+    select_layers,
+)
 
 
 def _recorded_graph(name: str, steps: int, seeds: tuple[int, ...], items: int = 4):

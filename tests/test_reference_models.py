@@ -15,12 +15,15 @@ Tolerances (numbers are printed on failure):
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from qdc_export import reference as ref
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the training helpers live with the training script
+import reference_models as ref  # noqa: E402
 
 MODELS = ref.MODELS_DIR
 

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from qdc_export.cli import main
 from qdc_export.engines.onnxruntime import OrtDenoiser
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 from qdc_export.manifest import write_manifest
 from qdc_export.metrics import psnr
-from qdc_export.report import REPORT_DIR, REPORT_FILE, write_report
+from qdc_export.report.writer import REPORT_DIR, REPORT_FILE, write_report
 from qdc_export.sampling import TorchDenoiser, initial_latents, latents_to_images, make_scheduler, run_sampler
 
 PSNR_ATOL_DB = 1e-6  # same computation on the same float32 images: only summation-order noise is allowed
@@ -108,7 +108,7 @@ def test_uncompensated_column_undoes_the_head(compensated, build_factory):
     inputs (every step of the plain engine's own trajectory), where only float rounding of the undo can differ;
     whole trajectories are not compared, since one rounding flip in a quantized graph cascades over the steps."""
     from qdc_export.compensation import CompensationTables
-    from qdc_export.report import UncompensatedOrt
+    from qdc_export.report.writer import UncompensatedOrt
 
     plain = build_factory("tiny-unet2d", "w8a8")
     model = load_model("tiny-unet2d")

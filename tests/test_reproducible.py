@@ -13,8 +13,8 @@ import pytest
 
 from qdc_export.build import build
 from qdc_export.config import BuildConfig
+from qdc_export.infra.reproducible import save_program
 from qdc_export.manifest import MANIFEST, UNHASHED_KEYS, sha256_file
-from qdc_export.reproducible import save_program
 
 FAST = {"steps": 4, "calib_samples": 2, "parity_samples": 1}  # as tests/conftest.py
 
@@ -81,7 +81,7 @@ def test_reference_holds_only_weights_the_graph_reads(twin_builds):
     them (passes.cleanup.remove_unused_weights), so reference.pt2 is not a second copy of the FP weights."""
     import torch
 
-    from qdc_export.checking import load_reference
+    from qdc_export.check.folder import load_reference
 
     load_reference(twin_builds[0] / "reference.pt2")  # registers the quantized ops needed to deserialize
     program = torch.export.load(str(twin_builds[0] / "reference.pt2"))

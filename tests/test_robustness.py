@@ -19,17 +19,17 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from qdc_export.build import build_graph
-from qdc_export.calibrate import check_observers, observer_layers
 from qdc_export.capture import capture
 from qdc_export.cli import main
 from qdc_export.config import BuildConfig
 from qdc_export.errors import CalibrationError
-from qdc_export.loading import load_model
+from qdc_export.infra.staging import clean_stale, staged_folder
+from qdc_export.load.models import load_model
 from qdc_export.manifest import MANIFEST, sha256_file
-from qdc_export.passes.annotate import QuantizationPlan
-from qdc_export.passes.qdq import insert_observers
-from qdc_export.staging import clean_stale, staged_folder
+from qdc_export.quantize.annotate import QuantizationPlan
+from qdc_export.quantize.calibrate import check_observers, observer_layers
+from qdc_export.quantize.graph import build_graph
+from qdc_export.quantize.qdq import insert_observers
 
 CALIB = {"steps": 2, "calib_samples": 1, "parity_samples": 1}
 

@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from diffusers import DDIMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
 from qdc_export.build import build
-from qdc_export.checking import check_build
+from qdc_export.check.folder import check_build
 from qdc_export.cli import main
 from qdc_export.compensation.fit import _output_gain
 from qdc_export.config import BuildConfig
 from qdc_export.errors import ModelLoadError, UserError
-from qdc_export.fidelity import fp_denoiser, sample_latents
-from qdc_export.loading import MODELS_DIR, build_preset, load_model
+from qdc_export.load.models import MODELS_DIR, build_preset, load_model
 from qdc_export.manifest import read_manifest
+from qdc_export.report.fidelity import fp_denoiser, sample_latents
 from qdc_export.sampling import make_scheduler
 
 # What a bare UNet folder's own scheduler says (issue 12's example): not diffusers' DDPMScheduler defaults.

@@ -10,14 +10,16 @@ from itertools import combinations
 import pytest
 from click.testing import CliRunner
 
-from qdc_export import calibrate, check, compensate
-from qdc_export.calibrate import calibration_seeds
-from qdc_export.checking import PARITY_SEED_OFFSET
+from qdc_export.check import parity as check
+from qdc_export.check.folder import PARITY_SEED_OFFSET
 from qdc_export.cli import main
-from qdc_export.compensate import fit_seeds, held_out_seeds
+from qdc_export.compensation import stage as compensate
+from qdc_export.compensation.stage import fit_seeds, held_out_seeds
 from qdc_export.config import MAX_CALIB_SAMPLES, MAX_PARITY_SAMPLES, BuildConfig
 from qdc_export.errors import UserError
-from qdc_export.fidelity import MAX_EVALUATION_IMAGES, evaluation_seeds
+from qdc_export.quantize import calibrate
+from qdc_export.quantize.calibrate import calibration_seeds
+from qdc_export.report.fidelity import MAX_EVALUATION_IMAGES, evaluation_seeds
 
 
 def _seed_sets(config: BuildConfig, num_images: int) -> dict[str, list[int]]:

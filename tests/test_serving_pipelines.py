@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+from tiny_pipelines import sd_pipeline, sdxl_pipeline
 
 from qdc_export.engines.onnxruntime import OrtDenoiser
-from qdc_export.loading import MODELS_DIR, conditioning_from_build
+from qdc_export.load.models import MODELS_DIR, conditioning_from_build
 from qdc_export.manifest import read_manifest
 from qdc_export.metrics import psnr
 from qdc_export.sampling import initial_latents, latents_to_images, make_scheduler, run_sampler
 from qdc_export.serving import EngineUNet, ScheduleMismatchError
-from tiny_pipelines import sd_pipeline, sdxl_pipeline
 
 pytestmark = pytest.mark.slow  # four W8A8 + TCEC builds and their pipelines: several minutes on 2 cores
 

@@ -5,7 +5,7 @@ import pytest
 from qdc_export import build as build_module
 from qdc_export.config import BuildConfig
 from qdc_export.errors import OutputExistsError
-from qdc_export.staging import staged_folder
+from qdc_export.infra.staging import staged_folder
 
 
 def test_exception_inside_staging_leaves_nothing(tmp_path):

@@ -7,17 +7,17 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as TP
 from click.testing import CliRunner
+from onnx import TensorProto as TP
 from polygraphy.json import load_json, save_json
 
-from qdc_export.checking import check_against, check_build
+from qdc_export.check.folder import check_against, check_build
+from qdc_export.check.goldens import EngineRunner, backend_runner
 from qdc_export.cli import main
 from qdc_export.config import BuildConfig
 from qdc_export.engines.ort_tensorrt import tensorrt_provider_options
 from qdc_export.engines.tensorrt import TensorRTBuildConfig, tensorrt_available
 from qdc_export.engines.trt_rules import OLDEST_SUPPORTED
-from qdc_export.goldens import EngineRunner, backend_runner
 from qdc_export.errors import UserError
 from qdc_export.manifest import read_manifest
 

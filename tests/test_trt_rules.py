@@ -24,6 +24,7 @@ from qdc_export.engines.trt_rules import (
     summarize_quantization,
 )
 from qdc_export.errors import TensorRTCompatibilityError, UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 OPSET = 21

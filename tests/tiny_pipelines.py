@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from qdc_export.loading import load_model
+from qdc_export.load.models import load_model
 
 SEQUENCE_LENGTH = 8  # the tiny presets' qdc_sequence_length
 

@@ -1,45 +1,47 @@
-"""The build: load -> capture -> passes (cleanup, annotate + observe) -> calibrate -> materialize Q/DQ
--> export ONNX -> parity check -> manifest, all inside an atomic staging folder."""
+"""The build, the one place that strings the stages together: load -> capture + quantize (quantize.graph) ->
+compensation (fit, validate, fold) -> export ONNX -> engine target -> parity check -> manifest -> report, all
+inside an atomic staging folder. ``build_distributed`` is the same build with calibration split over torchrun
+processes (quantize.distributed)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
-from . import __version__
-from .calibrate import run_calibration
-from .capture import capture
-from .check import ParityTolerances, summarize
-from .compensate import fit_compensation, validate_compensation
-from .config import BuildConfig
-from .export import export_onnx
-from .int4_pipeline import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
-from .loading import LoadedModel, load_model
-from .memory import log_resident, release_memory
-from .manifest import canonical_json, package_versions, write_manifest
-from .passes.annotate import QuantizationPlan
-from .passes.cleanup import remove_inference_noops, remove_unused_weights, sink_weight_computations
-from .passes.fold_compensation import fold_compensation
-from .passes.half import HALF_DTYPES, to_half
-from .passes.qdq import insert_observers, materialize_qdq
-from .plugins.base import COMP_STATE, COMP_STATE_OUT
-from .reproducible import save_program
-from .sampling import make_scheduler, schedule_timesteps
-from .staging import staged_folder
-from .targets import prepare_tensorrt
-
-MODEL_FILE = "model.onnx"
-REFERENCE_FILE = "reference.pt2"
-CONDITIONING_FILE = "conditioning.safetensors"
-PARITY_FILE = "parity.json"
-COMPENSATION_DIR = "compensation"
+from qdc_export import __version__
+from qdc_export.check.folder import check_build
+from qdc_export.check.parity import ParityTolerances, summarize
+from qdc_export.compensation.stage import add_compensation
+from qdc_export.config import BuildConfig
+from qdc_export.engines.targets import prepare_tensorrt
+from qdc_export.errors import UserError
+from qdc_export.export.to_onnx import export_onnx
+from qdc_export.infra.memory import log_resident, release_memory
+from qdc_export.infra.reproducible import save_program
+from qdc_export.infra.staging import check_output, staged_folder
+from qdc_export.infra.timing import StageTimer
+from qdc_export.load.models import io_description, load_for_build
+from qdc_export.manifest import (
+    CONDITIONING_FILE,
+    MODEL_FILE,
+    PARITY_FILE,
+    REFERENCE_FILE,
+    canonical_json,
+    package_versions,
+    write_manifest,
+)
+from qdc_export.quantize.cleanup import remove_unused_weights, sink_weight_computations
+from qdc_export.quantize.distributed import agree_across_ranks, init_from_env, sharded_calibration
+from qdc_export.quantize.graph import build_graph
+from qdc_export.quantize.half import HALF_DTYPES, to_half
+from qdc_export.report.writer import write_report as _write_report
+from qdc_export.sampling import make_scheduler, schedule_timesteps
 
 
 @dataclass
@@ -50,121 +52,11 @@ class BuildResult:
     timings: dict[str, float]
 
 
-class _Timer:
-    """Wall time per build stage, kept out of the hashed manifest content."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.perf_counter() - start, 3)
-
-
-def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPlan:
-    excluded = tuple(model.adapter.default_float_layers) + tuple(config.exclude)
-    if config.ptq_transform == "svdquant":
-        excluded += (SVDQUANT_FLOAT_GLOB,)  # SVDQuant's low-rank branch stays float
-    # w4a16: no activation quantization; w4a4: INT4 dynamic group activations come from the INT4 pass
-    activation_bits = {"w4a16": None, "w4a4": None}.get(config.precision, 8)
-    return QuantizationPlan(
-        weight_bits=4 if config.precision.startswith("w4") else 8, activation_bits=activation_bits,
-        observer=config.observer, percentile=config.percentile,
-        quantize_attention=config.quantize_attention, float_layers=excluded, include=config.include,
-    )
-
-
-def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = False,
-                timer: _Timer | None = None) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...], dict[str, Any]]:
-    """The in-memory part of the build: the PyTorch graph that is exported, and what the passes did."""
-    timer = timer or _Timer()
-    info: dict[str, Any] = {"passes": []}
-    with timer.stage("capture"):
-        gm, example = capture(model.unet, model.adapter)
-    result = remove_inference_noops(gm)
-    info["passes"].append({"name": "remove_inference_noops", "modified": result.modified, **result.details})
-    gm = result.module
-    if config.precision.startswith("w4"):
-        gm = build_int4_graph(gm, model, config, quantization_plan(config, model), info, timer, progress)
-    elif config.quantized:
-        plan = quantization_plan(config, model)
-        with timer.stage("insert_observers"):
-            observed, _ = insert_observers(gm, plan)
-        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
-                               "observers": observed.details["observers"]})
-        info["quantized_layers"] = observed.details["quantized_layers"]
-        info["float_layers"] = observed.details["float_layers"]
-        with timer.stage("calibrate"):
-            run_calibration(observed.module, model, scheduler_name=config.scheduler, steps=config.steps,
-                            seed=config.seed, samples=config.calib_samples, progress=progress)
-        with timer.stage("materialize_qdq"):
-            converted = materialize_qdq(observed.module)
-        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
-        gm = converted.module
-    info.update(weight_summary(gm, config.precision, config.target))
-    return gm, example, info
-
-
-def io_description(model: LoadedModel) -> dict[str, Any]:
-    inputs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.adapter.input_specs(model.unet)]
-    out = model.adapter.output_spec(model.unet)
-    outputs = [{"name": out.name, "shape": list(out.shape), "dtype": out.dtype}]
-    return {"inputs": inputs, "outputs": outputs, "dynamic_axes": {"batch": "axis 0 of every input and output"}}
-
-
-def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], model: LoadedModel,
-                     config: BuildConfig, staging: Path, io: dict[str, Any]):
-    """Fit the tables on paired trajectories, fold them into the graph, save them, extend the I/O."""
-    tables = fit_compensation(gm, model, config)
-    folded, folded_example = fold_compensation(gm, tables, example)
-    validation = (validate_compensation(gm, folded.module, tables.uses_state, model, config)
-                  if config.comp_validate and folded.modified else None)
-    if validation is not None and not validation["accepted"]:
-        # kept out of the engine: the held-out images got worse with it (see validate_compensation)
-        return gm, example, {"method": tables.method, "folded": False, "rejected": True, "validation": validation,
-                             "options": tables.options}
-    example = folded_example
-    tables.save(staging / COMPENSATION_DIR)
-    if tables.uses_state:
-        shape = io["outputs"][0]["shape"]
-        io["inputs"].append({"name": COMP_STATE, "shape": shape, "dtype": "float32"})
-        io["outputs"].append({"name": COMP_STATE_OUT, "shape": shape, "dtype": "float32"})
-    description = {
-        "method": tables.method, "folded": folded.modified, "stateful": tables.uses_state,
-        "tables": f"{COMPENSATION_DIR}/", "rows": "step rows in scheduler order; row N is the identity",
-        "lookup": "row = argmin |timestep - timesteps[n]| if within tolerance else N",
-        "formula": "noise_pred = scale[r] * eps_q - prev[r] * comp_state - bias[r]",
-        "options": tables.options,
-        "validation": validation,
-    }
-    if tables.uses_state:
-        description["state"] = (f"{COMP_STATE}: the previous step's raw model output (zeros at the first step); "
-                                f"feed back {COMP_STATE_OUT}")
-    return folded.module, example, description
-
-
-def load_for_build(model_arg: str | None, config: BuildConfig,
-                   scheduler_config: Path | str | dict[str, Any] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model with the build's scheduler config (its own, plus the explicit ``scheduler_overrides``), which
-    every stage samples with: calibration, fit, held-out check, parity, report. Also returns the model's own."""
-    model = load_model(model_arg, scheduler_config)
-    own = dict(model.scheduler_config)
-    make_scheduler(config.scheduler, own, config.scheduler_overrides)  # refuses unknown override fields
-    model.scheduler_config = {**own, **config.scheduler_overrides}
-    return model, own
-
-
 def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool = False,
           progress: bool = False, run_check: bool = True, write_report: bool = True,
           scheduler_config: Path | str | dict[str, Any] | None = None) -> BuildResult:
     """``scheduler_config``: the model's scheduler config where its folder has none (``--scheduler-config``)."""
-    from .checking import check_build  # check imports the build's artifacts; avoid a cycle at import time
-
-    timer = _Timer()
+    timer = StageTimer()
     with timer.stage("load"):
         model, source_scheduler_config = load_for_build(model_arg, config, scheduler_config)
     with staged_folder(out, force) as staging:
@@ -236,8 +128,28 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         manifest = write_manifest(staging, content, unhashed={"created": created, "timings_s": timer.timings})
         if write_report:  # derived from the artifacts above, written after the manifest (not hashed)
-            from .report import write_report as _write_report
-
             with timer.stage("report"):
                 _write_report(staging, model=None if model.released else model, num=8)
     return BuildResult(out, manifest, parity, timer.timings)
+
+
+def build_distributed(model_arg: str | None, config: Any, out: Path, *, force: bool = False,
+                      progress: bool = False, run_check: bool = True, **kwargs: Any) -> Any | None:
+    """The build with calibration split over the torchrun processes. Rank 0 returns the BuildResult and
+    alone writes ``out``; the other ranks return None after calibration."""
+    rank, _ = init_from_env()
+    try:
+        error: UserError | None = None
+        if rank == 0:
+            try:
+                check_output(out, force)
+            except UserError as exc:
+                error = exc
+        agree_across_ranks(error is None, f"rank 0 cannot write {out}: {error}" if error else "")
+        with sharded_calibration():
+            if rank == 0:
+                return build(model_arg, config, out, force=force, progress=progress, run_check=run_check, **kwargs)
+            build_graph(load_for_build(model_arg, config, kwargs.get("scheduler_config"))[0], config)  # its share of calibration; rank 0 writes the folder
+            return None
+    finally:
+        dist.destroy_process_group()

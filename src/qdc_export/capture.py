@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .plugins import UNetAdapter
+from qdc_export.load.plugins import UNetAdapter
 
 BATCH_EXAMPLE = 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from qdc_export.errors import UserError
 
 EXIT_USER_ERROR = 1
 
@@ -126,9 +126,9 @@ def build(model, precision, scheduler, scheduler_config, scheduler_override, ste
           exclude, compensation, tcec_variant, comp_fit_bias, comp_target, comp_ridge, comp_validate, target, trt_batch_range,
           trt_float, trt_conv, trt_version, parity_samples, ptq, svdquant_rank, seed, out, force, no_check, distributed) -> None:
     """Build a quantized ONNX model from MODEL (a diffusers folder or preset; default: the bundled model)."""
-    from .build import build as run_build
-    from .check import summarize
-    from .config import BuildConfig
+    from qdc_export.build import build as run_build
+    from qdc_export.check.parity import summarize
+    from qdc_export.config import BuildConfig
 
     config = BuildConfig(precision=precision, scheduler=scheduler, steps=steps, calib_samples=calib_samples,
                          observer=observer, percentile=percentile, quantize_attention=quantize_attention,
@@ -139,8 +139,8 @@ def build(model, precision, scheduler, scheduler_config, scheduler_override, ste
                          trt_conv=trt_conv, trt_version=trt_version, parity_samples=parity_samples, seed=seed,
                          ptq=ptq, svdquant_rank=svdquant_rank,
                          scheduler_overrides=_parse_overrides(scheduler_override))
-    if distributed:  # under torchrun: see qdc_export.distributed
-        from .distributed import build_distributed
+    if distributed:  # under torchrun: see qdc_export.quantize.distributed
+        from qdc_export.build import build_distributed
 
         result = build_distributed(model, config, out, force=force, progress=True, run_check=not no_check,
                                    scheduler_config=scheduler_config)
@@ -180,9 +180,9 @@ def build(model, precision, scheduler, scheduler_config, scheduler_override, ste
 @_user_errors
 def check(build_dir, backend, provider, seeds, against, save_goldens, as_json) -> None:
     """Check a build folder's ONNX model against its PyTorch reference graph and the FP model."""
-    from .check import summarize
-    from .checking import PARITY_SEED_OFFSET, check_against, check_build
-    from .config import MAX_PARITY_SAMPLES
+    from qdc_export.check.folder import PARITY_SEED_OFFSET, check_against, check_build
+    from qdc_export.check.parity import summarize
+    from qdc_export.config import MAX_PARITY_SAMPLES
 
     if not build_dir.is_dir():
         raise UserError(f"{build_dir} is not a folder")
@@ -219,7 +219,7 @@ def check(build_dir, backend, provider, seeds, against, save_goldens, as_json) -
 @_user_errors
 def sample(build_dir, seed, num, out, provider, force) -> None:
     """Generate images with the built engine (ONNX Runtime) and write them as PNG."""
-    from .sample_images import sample_build
+    from qdc_export.report.samples import sample_build
 
     paths = sample_build(build_dir, seeds=list(range(seed, seed + num)), out=out, provider=provider,
                          force=force, progress=True)
@@ -233,7 +233,7 @@ def sample(build_dir, seed, num, out, provider, force) -> None:
 @_user_errors
 def report(build_dir, num, force) -> None:
     """Write BUILD_DIR/report.html: image grid, latent error curves, per-layer sensitivity, parity."""
-    from .report import write_report
+    from qdc_export.report.writer import write_report
 
     if not build_dir.is_dir():
         raise UserError(f"{build_dir} is not a folder")
@@ -251,7 +251,7 @@ def report(build_dir, num, force) -> None:
 @_user_errors
 def triton(build_dir, out, name, max_batch_size, force) -> None:
     """Write a Triton Inference Server model repository (config.pbtxt, 1/model.onnx, manifest) from a build."""
-    from .serving.triton import write_repository
+    from qdc_export.serving.triton import write_repository
 
     if not build_dir.is_dir():
         raise UserError(f"{build_dir} is not a folder")
@@ -266,7 +266,7 @@ def triton(build_dir, out, name, max_batch_size, force) -> None:
 @_user_errors
 def inspect(target, verbose, as_json) -> None:
     """Show per-layer precision, Q/DQ counts, inputs/outputs of a build folder or an .onnx file."""
-    from .inspection import format_inspection, inspect_model
+    from qdc_export.report.inspection import format_inspection, inspect_model
 
     if not target.exists():
         raise UserError(f"{target} does not exist")

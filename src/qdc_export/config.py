@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from qdc_export.errors import UserError
 
 PRECISIONS = ("fp32", "w8a8", "w4a16", "w4a8", "w4a4")
 SCHEDULERS = ("ddim", "ddpm", "euler", "dpmsolver++")
@@ -144,7 +144,7 @@ class BuildConfig:
             raise UserError("--trt-float bf16 is not available yet: ONNX Conv accepts bfloat16 only from opset 22 and "
                             "this exporter writes opset 21; use fp16")
         if self.trt_version:
-            from .engines.trt_rules import parse_version
+            from qdc_export.engines.trt_rules import parse_version
 
             parse_version(self.trt_version)  # a UserError for a malformed or unsupported version
         if self.precision == "fp32" and self.compensation != "none":

@@ -10,9 +10,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from qdc_export.errors import UserError
 
+# The build folder: manifest.json and the artifacts it hashes.
 MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+REFERENCE_FILE = "reference.pt2"
+CONDITIONING_FILE = "conditioning.safetensors"
+PARITY_FILE = "parity.json"
+COMPENSATION_DIR = "compensation"
 FORMAT_VERSION = 1
 _PACKAGES = ("qdc-export", "torch", "torchao", "diffusers", "onnx", "onnxruntime", "onnxscript", "polygraphy")
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from qdc_export.errors import UserError
 
 _SCHEDULER_CLASSES = {
     "ddim": DDIMScheduler,

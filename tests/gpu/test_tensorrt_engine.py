@@ -141,7 +141,7 @@ def test_engine_runner_feeds_tensorrt_with_its_metadata(built):
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SnrCompareFunc
 
-    from qdc_export.goldens import EngineRunner
+    from qdc_export.check.goldens import EngineRunner
 
     onnx_path, engine_path, _ = built
     feeds = [{"x": np.random.default_rng(7).standard_normal((2, 3, 16, 16)).astype(np.float32)}]
@@ -155,7 +155,7 @@ def test_engine_runner_feeds_tensorrt_with_its_metadata(built):
 
 def test_check_against_goldens_with_the_tensorrt_backend(build_factory, tmp_path):
     """`check --backend tensorrt --against goldens.json` on the FP16 TensorRT form of a bundled model."""
-    from qdc_export.checking import check_against, check_build
+    from qdc_export.check.folder import check_against, check_build
 
     result = build_factory(str(__import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "digits-uncond"),
                            "w8a8", target="tensorrt")

@@ -9,10 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .providers import create_session
-from ..plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
-
-
+from qdc_export.engines.providers import create_session
+from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
 
 
 class OrtDenoiser:

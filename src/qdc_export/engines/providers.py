@@ -125,7 +125,7 @@ def create_session(
     if providers[0] == PROVIDERS["tensorrt"] and folder and os.path.isfile(os.path.join(folder, "manifest.json")):
         from pathlib import Path
 
-        from .ort_tensorrt import tensorrt_provider_options
+        from qdc_export.engines.ort_tensorrt import tensorrt_provider_options
 
         chosen[0] = (providers[0], tensorrt_provider_options(Path(folder)))
     # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights

@@ -34,12 +34,17 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 
-from ..compensation import CompensationTables
-from ..engines.onnxruntime import OrtDenoiser
-from ..errors import UserError
-from ..manifest import read_manifest, verify_artifacts
-from ..plugins.base import TEXT_EMBEDS, TIME_IDS
-from .schedule_guard import TIMESTEP_ATOL, ScheduleMismatchError, calling_pipeline_scheduler, schedule_mismatch
+from qdc_export.compensation import CompensationTables
+from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.errors import UserError
+from qdc_export.load.plugins.base import TEXT_EMBEDS, TIME_IDS
+from qdc_export.manifest import read_manifest, verify_artifacts
+from qdc_export.serving.schedule_guard import (
+    TIMESTEP_ATOL,
+    ScheduleMismatchError,
+    calling_pipeline_scheduler,
+    schedule_mismatch,
+)
 
 MODEL_FILE = "model.onnx"
 COMPENSATION_DIR = "compensation"

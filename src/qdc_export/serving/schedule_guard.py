@@ -16,7 +16,7 @@ import inspect
 import math
 from typing import Any
 
-from ..errors import UserError
+from qdc_export.errors import UserError
 
 # Bookkeeping fields of a diffusers config: they do not change a trajectory.
 _IGNORED_FIELDS = frozenset({"_class_name", "_diffusers_version", "_use_default_values", "_name_or_path"})

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputExistsError, UserError
-from ..manifest import MANIFEST, read_manifest, verify_artifacts
+from qdc_export.errors import OutputExistsError, UserError
+from qdc_export.manifest import MANIFEST, read_manifest, verify_artifacts
 
 MODEL_FILE = "model.onnx"
 TRT_ENGINE_FILE = "model.engine"

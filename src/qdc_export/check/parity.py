@@ -1,0 +1,341 @@
+"""Parity: the exported ONNX model against the PyTorch graph it came from, through Polygraphy.
+
+(a) fp32: elementwise on step inputs taken from a real trajectory (Polygraphy ``CompareFunc.simple``).
+(b) quantized: Q/DQ graphs are not bit-exact across runtimes (one rounding flip cascades), so the
+    per-step outputs are compared at identical inputs by SNR and cosine (Polygraphy's SNR and cosine
+    compare functions), and whole trajectories by final-image PSNR against the FP model: ONNX Runtime's
+    PSNR must be within a margin of the PyTorch Q/DQ graph's PSNR.
+
+The thresholds of (b) are not constants alone. How far a Q/DQ graph moves under a rounding-level change
+depends on the graph: with 4-bit activations one flip moves a value by a whole step and flips more downstream,
+and a poorly trained model amplifies a flip over the trajectory. So the check first measures the reference
+graph's *noise floor*: the same PyTorch graph against itself with every quantizer input moved ``noise_ulps`` ulp
+up or down at random (:class:`RoundingNoise`, two draws), per step at the recorded inputs and over whole
+trajectories. That is the kind of difference another runtime's kernels make. The engine passes a step when its
+SNR (cosine) is at least ``min(absolute threshold, floor - noise_floor_margin_db)``, and a trajectory when its
+PSNR gap is at most ``trajectory_psnr_margin_db`` plus the largest gap the noisy reference showed. Where the
+graph is well-conditioned the floor is far above the absolute thresholds, which then decide alone. A broken
+engine (a wrong scale, a negated channel) changes every call by far more than a rounding flip and fails; the
+compensation head, exact arithmetic, is checked elementwise (head_parity.py). docs/parity.md has the measurements
+behind ``noise_ulps``; tests/test_parity_power.py shows the power."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
+from polygraphy.logger import G_LOGGER
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.infra.memory import log_resident, release_memory
+from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
+from qdc_export.metrics import error_stats, psnr
+from qdc_export.sampling import (
+    Denoiser,
+    TorchDenoiser,
+    Trajectory,
+    initial_latents,
+    latents_to_images,
+    run_sampler,
+)
+
+REFERENCE_RUNNER = "pytorch"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityTolerances:
+    """Stated in every parity report. fp32: elementwise. Quantized: statistical."""
+
+    fp32_atol: float = 1e-4
+    fp32_rtol: float = 1e-3
+    step_min_snr_db: float = 25.0  # absolute: decides alone where the graph's noise floor is above it
+    step_min_cosine: float = 0.998
+    trajectory_psnr_margin_db: float = 1.0  # added to the noisy reference's own trajectory gap
+    noise_floor_margin_db: float = 3.0  # how far below its own noisy self-agreement an engine step may fall
+    # Size of the rounding noise on every quantizer input: ONNX Runtime's FP32 kernels differ from PyTorch's by
+    # about 16 ulp (FP32 exports: max abs 2e-6 on outputs of order 1). Measured: 1 ulp missed ONNX Runtime's
+    # step-0 flip on tiny-sdxl W8A8 and 4 ulp one on a tiny-unet2d W4A4 build (11.4 dB at a step whose 4-ulp
+    # floor was 122 dB); benchmarks/results/noise_floor.md.
+    noise_ulps: float = 16.0
+
+
+class RecordingDenoiser:
+    """Wraps the reference graph's Denoiser and records every step's engine feed (inputs incl. comp_state) and
+    its outputs, as Polygraphy iteration results: the reference is run once, on the trajectory it makes, and
+    can be released before the engine is opened (the two never hold their weights at the same time)."""
+
+    def __init__(self, inner: Any, cond_names: list[str]) -> None:
+        self.inner, self.cond_names = inner, cond_names
+        self.feeds: list[OrderedDict[str, np.ndarray]] = []
+        self.outputs: list[IterationResult] = []
+
+    def reset(self, batch: int) -> None:
+        self.inner.reset(batch)
+
+    def __call__(self, sample, timestep, cond):
+        feed = OrderedDict([(SAMPLE, sample.numpy().copy()), (TIMESTEP, timestep.numpy().copy())])
+        for name in self.cond_names:
+            feed[name] = cond[name].numpy().copy()
+        if getattr(self.inner, "stateful", False):
+            state = self.inner.state
+            feed[COMP_STATE] = (np.zeros_like(feed[SAMPLE]) if state is None or state.shape != sample.shape
+                                else np.asarray(state).copy())
+        self.feeds.append(feed)
+        start = time.perf_counter()
+        out = self.inner(sample, timestep, cond)
+        outputs = OrderedDict([(NOISE_PRED, out.numpy().copy())])
+        if getattr(self.inner, "stateful", False):
+            outputs[COMP_STATE_OUT] = np.asarray(self.inner.state).copy()
+        self.outputs.append(IterationResult(outputs, time.perf_counter() - start, REFERENCE_RUNNER))
+        return out
+
+
+@dataclass
+class ParityCase:
+    """What parity needs. The FP model, the PyTorch reference graph and the engine are opened one after the
+    other and the FP model is released before the other two are opened, so the three are never resident
+    together (SDXL: 10.3 GB FP32 UNet + 2.6 GB INT8 reference graph + 2.6 GB INT8 session)."""
+
+    fp: Callable[[], Denoiser]  # the eager FP model, used for quantized builds only
+    release_fp: Callable[[], None]  # frees the FP model's weights once its trajectories are taken
+    open_reference: Callable[[], Any]  # -> the PyTorch reference graph (positional inputs)
+    open_engine: Callable[[], Any]  # -> the ONNX Runtime session
+    cond_names: list[str]
+    stateful: bool
+    scheduler: Any
+    steps: int
+    latent_shape: tuple[int, ...]
+    conditioning: Any
+    quantized: bool
+
+
+@dataclass
+class ParityRun:
+    """The parity report, and the step feeds and Polygraphy results behind it (for goldens)."""
+
+    report: dict[str, Any]
+    feeds: list[OrderedDict[str, np.ndarray]]
+    results: Any
+
+
+def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Trajectory:
+    cond, uncond = case.conditioning.for_samples(seeds)
+    latents = initial_latents(case.latent_shape, seeds)
+    return run_sampler(denoiser, case.scheduler, case.steps, latents, cond, uncond,
+                       case.conditioning.guidance_scale)
+
+
+def _quantizer_ops() -> set[Any]:
+    import torchao.quantization.pt2e  # noqa: F401  registers quantized_decomposed
+
+    import qdc_export.quantize.int4  # noqa: F401  registers qdc::fake_quantize_int4_group
+
+    ops = torch.ops.quantized_decomposed
+    return {ops.quantize_per_tensor.default, ops.quantize_per_tensor.tensor,
+            torch.ops.qdc.fake_quantize_int4_group.default}
+
+
+class RoundingNoise(TorchDispatchMode):
+    """While active, every activation entering a quantizer moves by ``ulps`` ulp up or down, at random per element
+    (seeded): the PyTorch graph with the kind of difference another runtime's kernels make (another accumulation
+    order), which decides the side of a rounding boundary that a value near it falls on."""
+
+    def __init__(self, seed: int, ulps: float) -> None:
+        super().__init__()
+        self.generator, self.ulps, self.ops = torch.Generator().manual_seed(seed), ulps, _quantizer_ops()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.ops:
+            x = args[0]
+            spacing = torch.nextafter(x.abs(), torch.tensor(float("inf"), dtype=x.dtype)) - x.abs()
+            sign = torch.randint(0, 2, x.shape, generator=self.generator, dtype=x.dtype) * 2 - 1
+            args = (x + sign * self.ulps * spacing, *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+class NoisyDenoiser:
+    """A Denoiser that runs every call under :class:`RoundingNoise` (one generator for the whole trajectory)."""
+
+    def __init__(self, inner: Any, seed: int, ulps: float) -> None:
+        self.inner, self.noise = inner, RoundingNoise(seed, ulps)
+
+    def reset(self, batch: int) -> None:
+        self.inner.reset(batch)
+
+    def __call__(self, sample, timestep, cond):
+        with self.noise:
+            return self.inner(sample, timestep, cond)
+
+
+NOISE_SEEDS = (1, 2)
+
+
+def _step_noise_floor(module: Any, feeds: list[OrderedDict[str, np.ndarray]], reference_iters: Any,
+                      ulps: float) -> dict:
+    """Per step: the reference's outputs at the recorded feeds against its outputs under rounding noise, the
+    worse of two noise draws."""
+    by_draw: dict[str, list[dict[str, float]]] = {str(seed): [] for seed in NOISE_SEEDS}
+    with torch.no_grad():
+        for seed in NOISE_SEEDS:
+            noise = RoundingNoise(seed, ulps)
+            for feed, ref in zip(feeds, reference_iters):
+                with noise:
+                    out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()])
+                out = out[0] if isinstance(out, (tuple, list)) else out  # NOISE_PRED is the first output
+                by_draw[str(seed)].append(error_stats(ref[NOISE_PRED], out.numpy()))
+    draws = list(by_draw.values())
+    return {"what": f"per-step SNR / cosine of the PyTorch reference against itself with every quantizer input "
+                    f"moved {ulps:g} ulp up or down at random (worse of {len(draws)} draws)",
+            "ulps": ulps,
+            "per_step_snr_db": [min(d[k]["snr_db"] for d in draws) for k in range(len(feeds))],
+            "per_step_cosine": [min(d[k]["cosine"] for d in draws) for k in range(len(feeds))],
+            "by_draw_snr_db": {k: [s["snr_db"] for s in v] for k, v in by_draw.items()},
+            "by_draw_cosine": {k: [s["cosine"] for s in v] for k, v in by_draw.items()}}
+
+
+def _rank_floor(by_draw: dict[str, list[float]]) -> list[float]:
+    """The floor's order statistics: the i-th worst step of each draw, the worst of the draws."""
+    ranked = [sorted(values) for values in by_draw.values()]
+    return [min(r[i] for r in ranked) for i in range(len(ranked[0]))]
+
+
+def required_step_thresholds(floor: dict, engine_steps: list[dict[str, float]],
+                             tol: ParityTolerances) -> tuple[list[float], list[float]]:
+    """Per step: SNR >= min(absolute, floor - margin), cosine likewise with the margin applied to 1 - cosine (for
+    small errors 1 - cosine is proportional to noise / signal: margin dB on SNR is a factor 10**(margin/10)).
+
+    A flip is a rare event that lands on a step at random, in the engine as in the noisy reference, so steps are
+    matched by rank, not by index: the engine's i-th worst step is held to the floor's i-th worst step (the
+    worse of the draws). One flip at step 3 in the engine and at step 7 under the noise is then the same event;
+    a broken engine, bad at every step, still fails at the ranks where the floor is high."""
+    factor = 10 ** (tol.noise_floor_margin_db / 10)
+    snr_floor, cos_floor = _rank_floor(floor["by_draw_snr_db"]), _rank_floor(floor["by_draw_cosine"])
+    snr_rank = np.argsort(np.argsort([s["snr_db"] for s in engine_steps], kind="stable"), kind="stable")
+    cos_rank = np.argsort(np.argsort([s["cosine"] for s in engine_steps], kind="stable"), kind="stable")
+    snr = [min(tol.step_min_snr_db, snr_floor[r] - tol.noise_floor_margin_db) for r in snr_rank]
+    cos = [min(tol.step_min_cosine, 1.0 - (1.0 - cos_floor[r]) * factor) for r in cos_rank]
+    return snr, cos
+
+
+def _psnr_vs_fp(fp_images: torch.Tensor, final_latents: torch.Tensor) -> torch.Tensor:
+    return psnr(fp_images, latents_to_images(final_latents)).clamp(max=100.0)
+
+
+def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None = None) -> ParityRun:
+    tol = tol or ParityTolerances()
+    # 1. FP model: trajectories, then its weights go
+    fp_images = latents_to_images(_trajectories(case, seeds, case.fp()).final) if case.quantized else None
+    case.release_fp()
+    # 2. PyTorch reference graph: its own trajectory, recording each step's feed and outputs; for quantized
+    #    builds also its noise floor (per step at the recorded feeds, and whole noisy trajectories)
+    reference_module = case.open_reference()
+    recorder = RecordingDenoiser(TorchDenoiser(reference_module, case.cond_names, stateful=case.stateful),
+                                 case.cond_names)
+    ref_traj = _trajectories(case, seeds, recorder)
+    torch_iters = recorder.outputs
+    log_resident("check: reference trajectory run")
+    floor: dict[str, Any] | None = None
+    noisy_psnr: dict[str, torch.Tensor] = {}
+    if case.quantized:
+        floor = _step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.noise_ulps)
+        for seed in NOISE_SEEDS:
+            inner = TorchDenoiser(reference_module, case.cond_names, stateful=case.stateful)
+            noisy_psnr[str(seed)] = _psnr_vs_fp(fp_images, _trajectories(
+                case, seeds, NoisyDenoiser(inner, seed, tol.noise_ulps)).final)
+        log_resident("check: reference noise floor measured")
+    del reference_module, recorder.inner
+    release_memory()
+    # 3. the engine on the same feeds (Polygraphy), then its own trajectory
+    session = case.open_engine()
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
+        results = Comparator.run([OnnxrtRunner(session, name="onnxruntime")], data_loader=recorder.feeds)
+    results = RunResults([(REFERENCE_RUNNER, torch_iters), *results.items()])
+    ort_iters = list(results.values())[1]
+    per_step = [error_stats(a[NOISE_PRED], b[NOISE_PRED]) for a, b in zip(torch_iters, ort_iters)]
+    step_passed: list[bool] = []
+    if floor is not None:
+        # Polygraphy's SNR and cosine compare functions, one step at a time with that step's threshold
+        snr_req, cos_req = required_step_thresholds(floor, per_step, tol)
+        for k, (ref_it, ort_it) in enumerate(zip(torch_iters, ort_iters)):
+            funcs = [SnrCompareFunc(snr_threshold=snr_req[k]),
+                     CosineSimilarityCompareFunc(cosine_similarity_threshold=cos_req[k])]
+            one_step = RunResults([(REFERENCE_RUNNER, [ref_it]), ("onnxruntime", [ort_it])])
+            with G_LOGGER.verbosity(G_LOGGER.ERROR):
+                step_passed.append(bool(Comparator.compare_accuracy(one_step, compare_func=funcs)))
+    else:
+        funcs = [CompareFunc.simple(atol=tol.fp32_atol, rtol=tol.fp32_rtol, check_error_stat="elemwise")]
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            step_passed = [bool(Comparator.compare_accuracy(results, compare_func=funcs))]
+    report: dict[str, Any] = {
+        "mode": "statistical" if case.quantized else "elementwise",
+        "tolerances": asdict(tol),
+        "seeds": seeds,
+        "steps": case.steps,
+        "per_step": per_step,
+        "worst": {
+            "max_abs": max(s["max_abs"] for s in per_step),
+            "p99_abs": max(s["p99_abs"] for s in per_step),
+            "mean_abs": float(np.mean([s["mean_abs"] for s in per_step])),
+            "min_snr_db": min(s["snr_db"] for s in per_step),
+            "min_cosine": min(s["cosine"] for s in per_step),
+        },
+        "polygraphy_passed": all(step_passed),
+    }
+    passed = all(step_passed)
+    if floor is not None and fp_images is not None:  # snr_req / cos_req are the per-step thresholds above
+        report["noise_floor"] = {**floor, "required_snr_db": snr_req, "required_cosine": cos_req,
+                                 "step_passed": step_passed}
+        ort_final = _trajectories(case, seeds, OrtDenoiser(session)).final
+        psnr_ref = _psnr_vs_fp(fp_images, ref_traj.final)
+        psnr_ort = _psnr_vs_fp(fp_images, ort_final)
+        gap = abs(float(psnr_ort.mean()) - float(psnr_ref.mean()))
+        noisy_gaps = {d: abs(float(v.mean()) - float(psnr_ref.mean())) for d, v in noisy_psnr.items()}
+        allowed = tol.trajectory_psnr_margin_db + max(noisy_gaps.values())
+        report["trajectory"] = {
+            "psnr_vs_fp_pytorch_db": [float(v) for v in psnr_ref],
+            "psnr_vs_fp_onnxruntime_db": [float(v) for v in psnr_ort],
+            "psnr_vs_fp_pytorch_noisy_db": {d: [float(x) for x in v] for d, v in noisy_psnr.items()},
+            "mean_psnr_pytorch_db": float(psnr_ref.mean()),
+            "mean_psnr_onnxruntime_db": float(psnr_ort.mean()),
+            "gap_db": gap,
+            "noisy_reference_gap_db": max(noisy_gaps.values()),
+            "allowed_gap_db": allowed,
+            # informational: how far the final images are from the reference's own (not from FP)
+            "psnr_onnxruntime_vs_pytorch_db": float(psnr(latents_to_images(ref_traj.final),
+                                                         latents_to_images(ort_final)).clamp(max=100.0).mean()),
+        }
+        passed = passed and gap <= allowed
+    report["passed"] = passed
+    return ParityRun(report, recorder.feeds, results)
+
+
+def summarize(report: dict[str, Any]) -> str:
+    w = report["worst"]
+    tol = report["tolerances"]
+    if report["mode"] == "elementwise":
+        line = (f"fp32 parity (atol {tol['fp32_atol']:g}, rtol {tol['fp32_rtol']:g}): max {w['max_abs']:.3g} "
+                f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
+    else:
+        t, floor = report["trajectory"], report["noise_floor"]
+        line = (f"quantized parity: per-step SNR min {w['min_snr_db']:.1f} dB (required >= "
+                f"{min(floor['required_snr_db']):.1f}: {tol['step_min_snr_db']} or the reference's own noise floor "
+                f"{min(floor['per_step_snr_db']):.1f} - {tol['noise_floor_margin_db']}), cosine min "
+                f"{w['min_cosine']:.5f} (>= {min(floor['required_cosine']):.5f}); final-image PSNR vs FP: "
+                f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, ONNX Runtime {t['mean_psnr_onnxruntime_db']:.2f} dB, "
+                f"gap {t['gap_db']:.2f} dB (<= {t['allowed_gap_db']:.2f}: {tol['trajectory_psnr_margin_db']} + noisy "
+                f"reference's own {t['noisy_reference_gap_db']:.2f}); max abs {w['max_abs']:.3g} "
+                f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
+    if "compensation_head" in report:
+        head = report["compensation_head"]
+        line += (f"; compensation head vs tables: max abs {head['max_abs']:.3g} (<= {head['atol']:g}) over "
+                 f"{len(head['timesteps'])} timesteps")
+    return ("PASS " if report["passed"] else "FAIL ") + line

@@ -1,0 +1,83 @@
+"""Atomic build folders: everything is written to a hidden sibling staging folder, then renamed into
+place. An interrupted or failed build leaves the previous folder (or nothing), never a half-written one.
+Existing output is replaced only with ``force``.
+
+A build killed outright (SIGKILL, power loss) cannot clean up after itself: it leaves its hidden
+``.NAME.partial-PID`` (or, killed between the two renames, ``.NAME.old-PID`` holding the previous
+build). The next build of the same target removes such folders whose PID is no longer running, and
+puts a stranded previous build back in place first. Folders of running builds are left alone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from qdc_export.errors import OutputExistsError, UserError
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_staging(out: Path) -> list[Path]:
+    """Hidden staging/retired siblings of ``out`` left by builds that are no longer running."""
+    stale = []
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                stale.append(path)
+    return sorted(stale)
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what killed builds of ``out`` left behind; restore a stranded previous build. Returns
+    the removed paths."""
+    removed = []
+    for path in stale_staging(out):
+        if ".old-" in path.name and not out.exists() and (path / "manifest.json").is_file():
+            os.replace(path, out)  # killed between retiring the old build and moving the new one in
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool) -> Iterator[Path]:
+    if out.parent.is_dir():
+        clean_stale(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:  # Ctrl-C included: leave nothing half-written
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    check_output(out, force)
+    if out.exists():
+        retired = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)

@@ -1,0 +1,141 @@
+"""The INT4 part of the build (w4a16, w4a8, w4a4; a PTQ recipe, config.PTQ_RECIPES), called from build_graph:
+
+record layer inputs on calibration trajectories -> [awq | svdquant] -> [w4a8: PT2E INT8 activation observers,
+calibration, Q/DQ] -> INT4 weights (rtn: clip search on the recorded inputs; gptq: GPTQ rounding with the
+Hessian of the recorded inputs, same grid and scales) [+ w4a4 dynamic group INT4 activations]."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from qdc_export.config import BuildConfig
+from qdc_export.load.models import LoadedModel
+from qdc_export.quantize.annotate import QuantizationPlan
+from qdc_export.quantize.awq import AwqOptions, awq
+from qdc_export.quantize.calibrate import run_calibration
+from qdc_export.quantize.int4 import (
+    _CONV,
+    _LINEAR,
+    Int4Options,
+    _weight_value,
+    compute_layers,
+    insert_recorders,
+    quantize_int4,
+    remove_recorders,
+    select_layers,
+    weight_bytes_by_dtype,
+)
+from qdc_export.quantize.qdq import insert_observers, materialize_qdq
+from qdc_export.quantize.svdquant import HOLDER, SvdQuantOptions, svdquant
+
+RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip search / SVDQuant
+# AWQ and GPTQ fit more than one number per layer (a scale per input channel; every rounding decision):
+# they record more trajectories and several batch items per call (both halves of a guided batch)
+RECORD_SAMPLES_FITTED = 4
+RECORD_ITEMS_FITTED = 4
+ACTIVATION_GROUP = 64
+
+
+def deployability(precision: str, target: str = "onnxruntime") -> tuple[list[str], str]:
+    if precision == "w4a4":
+        return ["onnxruntime"], ("INT4 activations (W4A4) cannot be expressed in TensorRT (INT4 is weight-only "
+                                 "there); this model runs on ONNX Runtime")
+    if precision == "w4a8":
+        return ["onnxruntime"], ("TensorRT has no INT4-weight x INT8-activation kernel (INT4 is weight-only GEMM "
+                                 "there); this model runs on ONNX Runtime")
+    if precision == "w4a16" and target != "tensorrt":
+        return ["onnxruntime"], ("this form has INT4 convolutions and ragged blocks, which TensorRT rejects (INT4 "
+                                 "only on GEMM weights, block dividing K); build with --target tensorrt")
+    if precision == "w4a16":
+        return ["onnxruntime", "tensorrt"], ("TensorRT form: INT4 blocked weights on Linear layers whose input size "
+                                             "the block divides; convolutions INT8 (W8A8) or float (--trt-conv); "
+                                             "other Linear layers float")
+    return ["onnxruntime", "tensorrt"], ""
+
+
+def tensorrt_int4_layers(gm: torch.fx.GraphModule, layers: list[str], block_size: int) -> tuple[list[str], list[str]]:
+    """(INT4 layers, layers left float) for TensorRT: INT4 weight-only runs on GEMMs only (MatMul/Gemm), with a
+    block size that divides the input size K (no ragged last block). Convolutions stay float."""
+    wanted, keep, float_ = set(layers), [], []
+    for name, node in compute_layers(gm):
+        if name not in wanted:
+            continue
+        in_features = int(_weight_value(gm, node.args[1]).shape[-1]) if node.target == _LINEAR else 0
+        (keep if node.target == _LINEAR and in_features % block_size == 0 else float_).append(name)
+    return keep, float_
+
+
+def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: BuildConfig, plan: QuantizationPlan,
+                     info: dict[str, Any], timer: Any, progress: bool = False) -> torch.fx.GraphModule:
+    quantized, kept = select_layers(gm, plan.float_layers, plan.include)
+    int8_convs: list[str] = []
+    if config.target == "tensorrt":
+        quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.weight_block_size)
+        convs = {name for name, node in compute_layers(gm) if node.target == _CONV}
+        int8_convs = [n for n in not_gemm if n in convs] if config.trt_conv == "int8" else []
+        kept += [n for n in not_gemm if n not in int8_convs]
+    info["quantized_layers"], info["float_layers"] = quantized + int8_convs, kept
+    if int8_convs:
+        info["int8_layers"] = int8_convs
+    calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
+    fitted = config.ptq_transform == "awq" or config.ptq_rounding == "gptq"
+    samples, items = (RECORD_SAMPLES_FITTED, RECORD_ITEMS_FITTED) if fitted else (RECORD_SAMPLES, 1)
+    with timer.stage("record_activations"):
+        rec = insert_recorders(gm, quantized, items=items)
+        run_calibration(gm, **calib, samples=min(samples, config.calib_samples))
+        removed, activations = remove_recorders(gm)
+    info["passes"].append({"name": "record_layer_inputs", "modified": False, "layers": rec.details["recorders"],
+                           "trajectories": min(samples, config.calib_samples), "batch_items_per_call": items})
+    info["ptq"] = config.ptq
+    if config.ptq_transform == "awq":
+        awq_options = AwqOptions(block_size=config.weight_block_size,
+                                 activation="int8-tensor" if config.precision == "w4a8" else "none")
+        with timer.stage("awq"):
+            result, activations = awq(gm, quantized, activations, awq_options)
+        info["passes"].append({"name": "awq", "modified": result.modified, **result.details})
+    if config.ptq_transform == "svdquant":
+        options = SvdQuantOptions(rank=config.svdquant_rank, block_size=config.weight_block_size,
+                                  activation={"w4a4": "int4-group", "w4a8": "int8-tensor"}.get(config.precision, "none"),
+                                  activation_group=ACTIVATION_GROUP)
+        with timer.stage("svdquant"):
+            result, activations = svdquant(gm, quantized, activations, options)
+        info["passes"].append({"name": "svdquant", "modified": result.modified, **result.details})
+    def int8_qdq(gm: torch.fx.GraphModule, int8_plan: Any, **record: str) -> torch.fx.GraphModule:
+        """INT8 Q/DQ through PT2E for the layers ``int8_plan`` quantizes: observe, calibrate, materialize."""
+        with timer.stage("insert_observers"):
+            observed, _ = insert_observers(gm, int8_plan)
+        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
+                               "observers": observed.details["observers"], **record})
+        with timer.stage("calibrate"):
+            run_calibration(observed.module, **calib, samples=config.calib_samples)
+        with timer.stage("materialize_qdq"):
+            converted = materialize_qdq(observed.module)
+        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
+        return converted.module
+
+    if plan.activation_bits:  # w4a8: INT8 per-tensor activations through PT2E (weights left to the INT4 pass)
+        gm = int8_qdq(gm, plan)
+    if int8_convs:  # TensorRT W4A16: the convolutions as W8A8 (INT8 Q/DQ through PT2E), nothing else
+        others = tuple(name for name, _ in compute_layers(gm) if name not in int8_convs)
+        conv_plan = dataclasses.replace(plan, weight_bits=8, activation_bits=8, float_layers=others, include=())
+        gm = int8_qdq(gm, conv_plan, layers="int8 convolutions")
+    options4 = Int4Options(block_size=config.weight_block_size, rounding=config.ptq_rounding,
+                           activation_group=ACTIVATION_GROUP if config.precision == "w4a4" else None)
+    with timer.stage("quantize_int4"):
+        result = quantize_int4(gm, quantized, options4, activations)
+    info["passes"].append({"name": "quantize_int4", "modified": result.modified, **result.details})
+    return result.module
+
+
+def weight_summary(gm: torch.nn.Module, precision: str, target: str = "onnxruntime") -> dict[str, Any]:
+    deployable, note = deployability(precision, target)
+    out: dict[str, Any] = {"weight_bytes_by_dtype": weight_bytes_by_dtype(gm), "deployable_on": deployable}
+    if note:
+        out["deployability_note"] = note
+    return out
+
+
+SVDQUANT_FLOAT_GLOB = HOLDER
