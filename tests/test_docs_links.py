@@ -114,7 +114,8 @@ def test_cited_sections_exist():
             checked += 1
             if section not in _headings(doc):
                 line = text.count("\n", 0, match.start()) + 1
-                problems.append(f"{path.relative_to(ROOT)}:{line}: docs/{name} has no heading {section!r}")
+                where = f"{path.relative_to(ROOT)}:{line}"
+                problems.append(f"{where}: docs/{name} has no heading {section!r}")
     assert checked, "no section references found: the scan is broken"
     assert not problems, "\n".join(problems)
 
@@ -140,6 +141,7 @@ def test_relative_markdown_links_resolve():
 def test_slug_follows_github():
     """The anchor rule above, on headings of the kinds docs/ uses (GitHub's documented behaviour)."""
     assert _slug("Tables, lookup and the graph head") == "tables-lookup-and-the-graph-head"
-    assert _slug("Nonlinear updates (x0 clipping, thresholding)") == "nonlinear-updates-x0-clipping-thresholding"
+    nonlinear = "Nonlinear updates (x0 clipping, thresholding)"
+    assert _slug(nonlinear) == "nonlinear-updates-x0-clipping-thresholding"
     assert _slug("The form `--target tensorrt` writes") == "the-form---target-tensorrt-writes"
     assert _slug("DPM-Solver++ 2M") == "dpm-solver-2m"
