@@ -110,7 +110,7 @@ def test_cited_sections_exist():
             name, section = match.groups()
             doc = ROOT / "docs" / name
             if not doc.is_file():
-                continue  # not one of ours (benchmarks/results/*.md names), or reported by test_cited_docs_exist
+                continue  # not ours (e.g. benchmarks/results/*.md), or test_cited_docs_exist reports it
             checked += 1
             if section not in _headings(doc):
                 line = text.count("\n", 0, match.start()) + 1
