@@ -1,6 +1,6 @@
 """ONNX Runtime sessions for opset-21 Q/DQ models, with the known quirks handled.
 
-Quirks (measured with onnxruntime 1.32 on CPU, see docs/probe-notes.md):
+Quirks (measured with onnxruntime 1.32 on CPU, see docs/runtime-notes.md):
 
 * An INT8 QuantizeLinear that carries the opset-21 ``output_dtype`` attribute (the torch dynamo
   exporter writes it) makes session creation fail at EXTENDED/ALL: "output_dtype INT8 does not

@@ -98,7 +98,7 @@ RULES: dict[str, Rule] = {
                 "no Cast after the DQ", f"{_DQ_OPERATOR}: output type T3 = scale type"),
 }
 
-# Standard-domain operators the ONNX-TensorRT parser imports ("Y" in docs/operators.md of TensorRT 10.1),
+# Standard-domain ops the ONNX-TensorRT parser imports ("Y" in onnx-tensorrt docs/operators.md, TRT 10.1),
 # with the version that added each one to that list when it is later than 10.0 (Changelog.md).
 _OPS_10_1 = frozenset(
     "Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike "

@@ -1,5 +1,5 @@
 """Annotation pass: declares *what* to quantize, following TensorRT's explicit-quantization rules
-(docs tensorrt.md): the inputs of Conv and Linear (optionally the attention inputs) get INT8 symmetric
+(docs/tensorrt.md): the inputs of Conv and Linear (optionally the attention inputs) get INT8 symmetric
 per-tensor activation specs; their weights INT8 symmetric per-output-channel. Outputs are never
 annotated, so ONNX Runtime keeps DQ -> float op and TensorRT fuses Q/DQ into its INT8 kernels.
 The timestep embedding path is never annotated (it stays float by the adapters' float-layer globs,
