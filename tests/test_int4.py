@@ -15,18 +15,15 @@ from qdc_export.config import BuildConfig
 from qdc_export.engines.trt_rules import check_tensorrt_compatibility
 from qdc_export.errors import UserError
 from qdc_export.manifest import read_manifest
-from qdc_export.quantize.int4 import (
+from qdc_export.quantize.fake_quant import (
     DEFAULT_CLIP_RATIOS,
-    Int4Options,
     dequantize_blockwise,
     fake_quantize_blockwise,
     fake_quantize_int4_group,
-    insert_recorders,
-    pack_int4_initializers,
     quantize_blockwise,
-    quantize_int4,
     search_clip_ratio,
 )
+from qdc_export.quantize.int4 import Int4Options, insert_recorders, pack_int4_initializers, quantize_int4
 from qdc_export.quantize.svdquant import SvdQuantOptions, svdquant
 from qdc_export.report.inspection import inspect_model
 

@@ -18,15 +18,14 @@ from qdc_export.manifest import read_manifest
 from qdc_export.quantize.awq import AwqOptions, awq
 from qdc_export.quantize.calibrate import run_calibration
 from qdc_export.quantize.cleanup import remove_inference_noops
+from qdc_export.quantize.fake_quant import dequantize_blockwise, quantize_blockwise
 from qdc_export.quantize.gptq import GptqOptions, gptq_quantize, hessian, quantize_layer_gptq
 from qdc_export.quantize.graph import quantization_plan
 from qdc_export.quantize.int4 import (
-    _weight_value,
+    weight_value,
     compute_layers,
-    dequantize_blockwise,
     input_rows,
     insert_recorders,
-    quantize_blockwise,
     remove_recorders,
     select_layers,
 )
@@ -63,7 +62,7 @@ def test_gptq_lowers_layer_output_error_vs_rtn_for_every_layer_of_digits_uncond(
     ratios = {}
     for name in quantized:
         node = nodes[name]
-        w = _weight_value(gm, node.args[1]).detach().float()
+        w = weight_value(gm, node.args[1]).detach().float()
         w2d = w.reshape(w.shape[0], -1)
         q_rtn, scale = quantize_blockwise(w2d, 64)
         q_gptq = gptq_quantize(w2d, hessian(node, w.shape, fit[name]), scale, 64, GptqOptions())

@@ -20,7 +20,8 @@ import torch
 
 from qdc_export.export.onnx_weights import fold_weight_transposes
 from qdc_export.infra.memory import release_memory
-from qdc_export.quantize.int4 import ONNX_TRANSLATIONS, pack_int4_initializers
+from qdc_export.quantize.fake_quant import ONNX_TRANSLATIONS
+from qdc_export.quantize.int4 import pack_int4_initializers
 
 OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3

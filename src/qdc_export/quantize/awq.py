@@ -29,14 +29,8 @@ import torch
 import torch.fx
 
 from qdc_export.passes import PassResult
-from qdc_export.quantize.int4 import (
-    _CONV,
-    _weight_value,
-    fake_quantize_blockwise,
-    holder_submodule,
-    input_rows,
-    layers_with_inputs,
-)
+from qdc_export.quantize.fake_quant import CONV2D, fake_quantize_blockwise, fake_quantize_int8_tensor
+from qdc_export.quantize.int4 import weight_value, holder_submodule, input_rows, layers_with_inputs
 from qdc_export.quantize.svdquant import _replace_attr
 
 HOLDER = "qdc_awq"  # submodule holding the 1/s factors (buffers only: no new layers)
@@ -52,14 +46,11 @@ class AwqOptions:
 
 
 def _act_quant(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation != "int8-tensor":
-        return x
-    scale = torch.clamp(x.abs().amax() / 127.0, min=2.0**-12)
-    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+    return fake_quantize_int8_tensor(x) if activation == "int8-tensor" else x
 
 
 def _channel_axis(node: torch.fx.Node, sample: torch.Tensor) -> int:
-    return 1 if node.target == _CONV else sample.dim() - 1
+    return 1 if node.target == CONV2D else sample.dim() - 1
 
 
 def awq_scales(node: torch.fx.Node, w: torch.Tensor, samples: list[torch.Tensor],
@@ -107,7 +98,7 @@ def awq(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, 
     graph = gm.graph
     for name, node, samples in layers_with_inputs(gm, layers, activations, options.prefix):
         target = str(node.args[1].target)
-        w = _weight_value(gm, node.args[1]).detach().float()
+        w = weight_value(gm, node.args[1]).detach().float()
         found = awq_scales(node, w, samples, options)
         if found is None:
             continue

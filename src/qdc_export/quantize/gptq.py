@@ -35,7 +35,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from qdc_export.quantize.int4 import _LINEAR, QMAX, QMIN, quantize_blockwise
+from qdc_export.quantize.fake_quant import LINEAR, QMAX, QMIN, quantize_blockwise
 
 DEFAULT_DAMP = 0.01
 DEFAULT_LAZY_BLOCK = 128
@@ -51,7 +51,7 @@ class GptqOptions:
 
 def _rows_of(node: torch.fx.Node, weight_shape: Sequence[int], sample: torch.Tensor) -> torch.Tensor | None:
     """One recorded input as [N, K] rows matching the weight flattened to [O, K] (None: unsupported conv)."""
-    if node.target == _LINEAR:
+    if node.target == LINEAR:
         return sample.reshape(-1, sample.shape[-1])
     args = list(node.args) + [None] * (7 - len(node.args))
     stride, padding, dilation, groups = args[3] or 1, args[4] or 0, args[5] or 1, args[6] or 1
@@ -144,7 +144,7 @@ def quantize_layer_gptq(w: torch.Tensor, h: torch.Tensor, block_size: int, clip_
                         options: GptqOptions = GptqOptions()) -> GptqLayerResult:
     """GPTQ with each clip ratio's RTN scales; the candidate (GPTQ or RTN, any ratio) with the lowest output
     error on H wins, so a layer never ends up worse than RTN on its own calibration objective."""
-    from qdc_export.quantize.int4 import dequantize_blockwise
+    from qdc_export.quantize.fake_quant import dequantize_blockwise
 
     best: GptqLayerResult | None = None
     rtn_best = math.inf

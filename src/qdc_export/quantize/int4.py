@@ -30,7 +30,6 @@ that is <= group (32-channel layers get one group of 32)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,140 +42,22 @@ from onnx import numpy_helper
 
 from qdc_export.load.plugins.base import layer_is_float
 from qdc_export.passes import PassResult, require
+from qdc_export.quantize.fake_quant import (
+    CONV2D,
+    DEFAULT_CLIP_RATIOS,
+    LINEAR,
+    QMAX,
+    QMIN,
+    activation_group,
+    quantize_blockwise,
+    search_clip_ratio,
+)
 
-QMIN, QMAX = -8, 7
-DEFAULT_CLIP_RATIOS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-SCALE_EPS = 2.0**-20
 INT4_ATTR = "qdc_int4"  # submodule holding the INT4 weights (int8 storage) and their scales
-_CONV = torch.ops.aten.conv2d.default
-_LINEAR = torch.ops.aten.linear.default
 
 
 # --------------------------------------------------------------------------------------------------
-# Custom ops (PyTorch reference semantics; ONNX translation below)
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("qdc::dequantize_blockwise", mutates_args=())
-def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
-    """q int8 [O, K] (values -8..7), scale float [O, ceil(K / block_size)] -> float [O, K]."""
-    expanded = scale.repeat_interleave(block_size, dim=1)[:, : q.shape[1]]
-    return q.to(scale.dtype) * expanded
-
-
-@dequantize_blockwise.register_fake
-def _(q: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
-    return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
-
-
-def _group_view(x: torch.Tensor, axis: int, group: int) -> torch.Tensor:
-    shape = list(x.shape)
-    return x.reshape(shape[:axis] + [shape[axis] // group, group] + shape[axis + 1:])
-
-
-@torch.library.custom_op("qdc::fake_quantize_int4_group", mutates_args=())
-def fake_quantize_int4_group(x: torch.Tensor, axis: int, group: int) -> torch.Tensor:
-    """Dynamic symmetric INT4 fake quantization, one scale per ``group`` channels along ``axis``
-    (axis >= 0, x.shape[axis] % group == 0). Same arithmetic as ONNX Q/DQ: round half to even."""
-    amax = _group_view(x, axis, group).abs().amax(dim=axis + 1)
-    scale = torch.clamp(amax / 7.0, min=SCALE_EPS).repeat_interleave(group, dim=axis)
-    return torch.clamp(torch.round(x / scale), QMIN, QMAX) * scale
-
-
-@fake_quantize_int4_group.register_fake
-def _(x: torch.Tensor, axis: int, group: int) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _onnx_dequantize_blockwise(q, scale, block_size: int):
-    from onnxscript import opset21 as op
-
-    return op.DequantizeLinear(q, scale, axis=1, block_size=block_size)
-
-
-def _onnx_fake_quantize_int4_group(x, axis: int, group: int):
-    from onnxscript import opset21 as op
-
-    shape = op.Shape(x)
-    channels = op.Shape(x, start=axis, end=axis + 1)
-    groups = op.Div(channels, op.Constant(value_ints=[group]))
-    grouped_shape = op.Concat(op.Shape(x, end=axis), groups, op.Constant(value_ints=[group]),
-                              op.Shape(x, start=axis + 1), axis=0)
-    del shape
-    amax = op.ReduceMax(op.Abs(op.Reshape(x, grouped_shape)), op.Constant(value_ints=[axis + 1]), keepdims=0)
-    scale = op.Max(op.Div(amax, op.Constant(value_float=7.0)), op.Constant(value_float=SCALE_EPS))
-    xq = op.QuantizeLinear(x, scale, axis=axis, block_size=group, output_dtype=onnx.TensorProto.INT4)
-    return op.DequantizeLinear(xq, scale, axis=axis, block_size=group)
-
-
-ONNX_TRANSLATIONS: dict[Any, Any] = {
-    torch.ops.qdc.dequantize_blockwise.default: _onnx_dequantize_blockwise,
-    torch.ops.qdc.fake_quantize_int4_group.default: _onnx_fake_quantize_int4_group,
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Blockwise quantization and clip search (tensor math, no graph)
-# --------------------------------------------------------------------------------------------------
-
-
-def quantize_blockwise(w: torch.Tensor, block_size: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """w float [O, K] -> (q int8 [O, K] in -8..7, scale float32 [O, ceil(K / block_size)])."""
-    out_features, k = w.shape
-    blocks = math.ceil(k / block_size)
-    padded = F.pad(w.float(), (0, blocks * block_size - k))
-    amax = padded.reshape(out_features, blocks, block_size).abs().amax(dim=2)
-    scale = torch.clamp(amax * clip_ratio / 7.0, min=SCALE_EPS)
-    expanded = scale.repeat_interleave(block_size, dim=1)[:, :k]
-    q = torch.clamp(torch.round(w.float() / expanded), QMIN, QMAX).to(torch.int8)
-    return q, scale
-
-
-def fake_quantize_blockwise(w: torch.Tensor, block_size: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    q, scale = quantize_blockwise(w, block_size, clip_ratio)
-    return dequantize_blockwise(q, scale, block_size)
-
-
-def search_clip_ratio(w: torch.Tensor, x_rows: torch.Tensor | None, block_size: int,
-                      ratios: Sequence[float] = DEFAULT_CLIP_RATIOS) -> tuple[float, dict[float, float]]:
-    """The ratio (from ``ratios``) minimizing the layer output error ||X D^T||^2, D = W - W_hat(ratio);
-    with no activations, 1.0.
-
-    Two exact routes, in float64, whichever costs fewer multiply-adds: through the Gram matrix
-    G = X^T X (N K^2 once, then O K^2 per ratio; wins when the N rows outnumber K) or directly
-    (N K O per ratio). A full-size 3x3 conv on 1280 channels has K = 11520 > N = 1024 rows: the Gram
-    route there is a 1 GB matrix and 170 GFLOP per ratio, the direct one 15 GFLOP.
-    """
-    if x_rows is None or x_rows.numel() == 0:
-        return 1.0, {}
-    rows, k = x_rows.shape
-    out_features = w.shape[0]
-    through_gram = rows * k * k + len(ratios) * out_features * k * k < len(ratios) * rows * k * out_features
-    with torch.no_grad():
-        x = x_rows.double()
-        gram = x.T @ x if through_gram else None
-
-        def error(ratio: float) -> float:
-            d = (w - fake_quantize_blockwise(w, block_size, ratio)).double()
-            if gram is not None:
-                return float(((d @ gram) * d).sum())
-            return float(((x @ d.T) ** 2).sum())
-
-        errors = {float(r): error(r) for r in ratios}
-    best = min(errors, key=lambda r: (errors[r], -r))
-    return best, errors
-
-
-def activation_group(channels: int, group: int) -> int:
-    """Largest divisor of ``channels`` that is <= ``group``."""
-    for g in range(min(group, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Recording layer inputs (for clip search and SVDQuant)
+# Custom ops (PyTornputs (for clip search and SVDQuant)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -208,7 +89,7 @@ def compute_layers(gm: torch.fx.GraphModule, prefix: str = "unet.") -> Iterable[
     from qdc_export.quantize.annotate import layer_name
 
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (_CONV, _LINEAR):
+        if node.op == "call_function" and node.target in (CONV2D, LINEAR):
             name = layer_name(node, prefix)
             if name is not None:
                 yield name, node
@@ -250,7 +131,7 @@ def remove_recorders(gm: torch.fx.GraphModule) -> tuple[PassResult, dict[str, li
         if node.op == "call_module" and str(node.target).startswith(RECORDER_PREFIX):
             module = gm.get_submodule(str(node.target))
             for user in list(node.users):
-                if user.op == "call_function" and user.target in (_CONV, _LINEAR):
+                if user.op == "call_function" and user.target in (CONV2D, LINEAR):
                     from qdc_export.quantize.annotate import layer_name
 
                     name = layer_name(user, "unet.")
@@ -270,7 +151,7 @@ def input_rows(node: torch.fx.Node, weight_shape: Sequence[int], samples: list[t
     """Layer inputs in the flattened [N, K] form matching the weight flattened to [O, K]."""
     if not samples:
         return None
-    if node.target == _LINEAR:
+    if node.target == LINEAR:
         rows = torch.cat([s.reshape(-1, s.shape[-1]) for s in samples])
     else:
         args = list(node.args) + [None] * (7 - len(node.args))
@@ -324,7 +205,7 @@ def holder_submodule(gm: torch.fx.GraphModule, name: str) -> torch.nn.Module:
     return gm.get_submodule(name)
 
 
-def _weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+def weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     return gm.get_parameter(str(node.target)) if str(node.target) in dict(gm.named_parameters()) \
         else gm.get_buffer(str(node.target))
 
@@ -350,7 +231,7 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
         if name not in wanted:
             continue
         weight_node = node.args[1]
-        w = _weight_value(gm, weight_node).detach().float()
+        w = weight_value(gm, weight_node).detach().float()
         require(w.dim() in (2, 4), "quantize_int4", f"{name}: unexpected weight rank {w.dim()}")
         w2d = w.reshape(w.shape[0], -1)
         # popped: each layer's recorded inputs are freed once its clip ratio is chosen (3.8 GB on SDXL)
@@ -382,9 +263,9 @@ def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4
             if options.activation_group:
                 x = node.args[0]
                 val = x.meta.get("val", node.meta.get("val"))  # Linear keeps the rank of its input
-                axis = 1 if node.target == _CONV else len(val.shape) - 1 if val is not None else None
+                axis = 1 if node.target == CONV2D else len(val.shape) - 1 if val is not None else None
                 require(axis is not None, "quantize_int4", f"{name}: input rank unknown (no 'val' meta)")
-                channels = int(w.shape[1]) if node.target == _CONV else int(w.shape[-1])
+                channels = int(w.shape[1]) if node.target == CONV2D else int(w.shape[-1])
                 group = activation_group(channels, options.activation_group)
                 fq = graph.call_function(torch.ops.qdc.fake_quantize_int4_group.default, (x, axis, group))
                 node.update_arg(0, fq)

@@ -16,11 +16,10 @@ from qdc_export.load.models import LoadedModel
 from qdc_export.quantize.annotate import QuantizationPlan
 from qdc_export.quantize.awq import AwqOptions, awq
 from qdc_export.quantize.calibrate import run_calibration
+from qdc_export.quantize.fake_quant import CONV2D, LINEAR
 from qdc_export.quantize.int4 import (
-    _CONV,
-    _LINEAR,
     Int4Options,
-    _weight_value,
+    weight_value,
     compute_layers,
     insert_recorders,
     quantize_int4,
@@ -63,8 +62,8 @@ def tensorrt_int4_layers(gm: torch.fx.GraphModule, layers: list[str], block_size
     for name, node in compute_layers(gm):
         if name not in wanted:
             continue
-        in_features = int(_weight_value(gm, node.args[1]).shape[-1]) if node.target == _LINEAR else 0
-        (keep if node.target == _LINEAR and in_features % block_size == 0 else float_).append(name)
+        in_features = int(weight_value(gm, node.args[1]).shape[-1]) if node.target == LINEAR else 0
+        (keep if node.target == LINEAR and in_features % block_size == 0 else float_).append(name)
     return keep, float_
 
 
@@ -74,7 +73,7 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     int8_convs: list[str] = []
     if config.target == "tensorrt":
         quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.weight_block_size)
-        convs = {name for name, node in compute_layers(gm) if node.target == _CONV}
+        convs = {name for name, node in compute_layers(gm) if node.target == CONV2D}
         int8_convs = [n for n in not_gemm if n in convs] if config.trt_conv == "int8" else []
         kept += [n for n in not_gemm if n not in int8_convs]
     info["quantized_layers"], info["float_layers"] = quantized + int8_convs, kept

@@ -35,17 +35,15 @@ import torch
 import torch.fx
 
 from qdc_export.passes import PassResult, require
-from qdc_export.quantize.int4 import (
-    _CONV,
-    _LINEAR,
-    _weight_value,
+from qdc_export.quantize.fake_quant import (
+    CONV2D,
+    LINEAR,
     activation_group,
     fake_quantize_blockwise,
     fake_quantize_int4_group,
-    holder_submodule,
-    input_rows,
-    layers_with_inputs,
+    fake_quantize_int8_tensor,
 )
+from qdc_export.quantize.int4 import weight_value, holder_submodule, input_rows, layers_with_inputs
 
 HOLDER = "qdc_svdquant"  # submodule holding smoothing factors and low-rank factors; a float-layer glob
 DEFAULT_ALPHAS: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)
@@ -67,8 +65,7 @@ def _act_quant(x: torch.Tensor, axis: int, options: SvdQuantOptions) -> torch.Te
         return x
     if options.activation == "int4-group":
         return fake_quantize_int4_group(x, axis, activation_group(x.shape[axis], options.activation_group))
-    scale = torch.clamp(x.abs().amax() / 127.0, min=2.0**-12)
-    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+    return fake_quantize_int8_tensor(x)
 
 
 @dataclass
@@ -84,7 +81,7 @@ class _Candidate:
 def svdquant_layer(node: torch.fx.Node, w: torch.Tensor, samples: list[torch.Tensor],
                    options: SvdQuantOptions) -> tuple[_Candidate, float] | None:
     """Best smoothing + low-rank decomposition for one layer, and the plain RTN error for comparison."""
-    axis = 1 if node.target == _CONV else samples[0].dim() - 1
+    axis = 1 if node.target == CONV2D else samples[0].dim() - 1
     rows = input_rows(node, w.shape, samples)
     if rows is None:
         return None
@@ -149,16 +146,16 @@ def svdquant(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[
     graph = gm.graph
     for name, node, samples in layers_with_inputs(gm, layers, activations, options.prefix):
         args = list(node.args) + [None] * (7 - len(node.args))
-        if node.target == _CONV and ((args[6] or 1) != 1 or isinstance(args[4], str)):
+        if node.target == CONV2D and ((args[6] or 1) != 1 or isinstance(args[4], str)):
             continue
         weight_node = node.args[1]
-        w = _weight_value(gm, weight_node).detach().float()
+        w = weight_value(gm, weight_node).detach().float()
         found = svdquant_layer(node, w, samples, options)
         if found is None:
             continue
         best, rtn_error = found
         key = name.replace(".", "_")
-        axis = 1 if node.target == _CONV else samples[0].dim() - 1
+        axis = 1 if node.target == CONV2D else samples[0].dim() - 1
         view = [1] * samples[0].dim()
         view[axis] = -1
         holder.register_buffer(f"{key}_inv_lambda", (1.0 / best.lam).reshape(view[1:] if axis == samples[0].dim() - 1
@@ -173,7 +170,7 @@ def svdquant(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[
                 xs.meta["val"] = x.meta["val"]
         node.update_arg(0, xs)
         if rank > 0:
-            if node.target == _CONV:
+            if node.target == CONV2D:
                 holder.register_buffer(f"{key}_down", best.down.reshape(rank, *w.shape[1:]).contiguous())
                 holder.register_buffer(f"{key}_up", best.up.reshape(w.shape[0], rank, 1, 1).contiguous())
             else:
@@ -184,14 +181,14 @@ def svdquant(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[
             with graph.inserting_after(down_w):
                 up_w = graph.get_attr(f"{HOLDER}.{key}_up")
             with graph.inserting_after(up_w):
-                if node.target == _CONV:
+                if node.target == CONV2D:
                     stride, padding, dilation = args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1]
-                    down = graph.call_function(_CONV, (xs, down_w, None, stride, padding, dilation, 1))
+                    down = graph.call_function(CONV2D, (xs, down_w, None, stride, padding, dilation, 1))
                 else:
-                    down = graph.call_function(_LINEAR, (xs, down_w))
+                    down = graph.call_function(LINEAR, (xs, down_w))
             with graph.inserting_after(down):
-                up = graph.call_function(_CONV, (down, up_w)) if node.target == _CONV \
-                    else graph.call_function(_LINEAR, (down, up_w))
+                up = graph.call_function(CONV2D, (down, up_w)) if node.target == CONV2D \
+                    else graph.call_function(LINEAR, (down, up_w))
             with graph.inserting_after(up):
                 added = graph.call_function(torch.ops.aten.add.Tensor, (node, up))
             node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
