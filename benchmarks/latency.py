@@ -148,7 +148,7 @@ def head_only_ms(engine_dir: Path, batch: int, runs: int, threads: int, tmp: Pat
     names = ["sample", "timestep"] + (["comp_state"] if tables.uses_state else [])
     outs = ["noise_pred"] + (["comp_state_out"] if tables.uses_state else [])
     path = tmp / f"head-{engine_dir.name}.onnx"
-    export_onnx(folded.module, example, path, input_names=names, output_names=outs)
+    export_onnx(folded.module, example, path, input_names=names, output_names=outs, int4_weights=False)
     sess = session(path, threads)
     feeds = feeds_for(sess, batch, float(tables.timesteps[0]))
     for _ in range(20):

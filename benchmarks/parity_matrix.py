@@ -61,7 +61,7 @@ def build_and_check(model: str, precision: str, ptq: str, compensation: str, out
 
 def markdown(data: dict) -> str:
     p = data["provenance"]
-    lines = [f"# W4A4 parity at default settings\n",
+    lines = ["# W4A4 parity at default settings\n",
              f"`{p['command']}` at commit {p['commit']}, {p['torch_threads']} torch threads on {p['cpu_count']} "
              f"cores; {', '.join(f'{k} {v}' for k, v in p['package_versions'].items())}.\n",
              "Per-step SNR of ONNX Runtime vs the PyTorch Q/DQ graph against the required threshold "

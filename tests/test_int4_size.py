@@ -17,7 +17,7 @@ def _export_size(model, precision: str, path) -> int:
     io = io_description(model)
     with torch.no_grad():
         export_onnx(gm, example, path, input_names=[i["name"] for i in io["inputs"]],
-                    output_names=[o["name"] for o in io["outputs"]])
+                    output_names=[o["name"] for o in io["outputs"]], int4_weights=config.plan.int4_weights)
     return path.stat().st_size
 
 

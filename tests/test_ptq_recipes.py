@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from qdc_export.capture import capture
 from qdc_export.compensation.stage import VALIDATION_MIN_SEEDS, held_out_seeds
-from qdc_export.config import DEFAULT_PTQ, PTQ_RECIPES, BuildConfig, parse_ptq
+from qdc_export.config import BuildConfig
 from qdc_export.errors import UserError
 from qdc_export.load.models import load_model
 from qdc_export.manifest import read_manifest
@@ -22,13 +22,14 @@ from qdc_export.quantize.fake_quant import dequantize_blockwise, quantize_blockw
 from qdc_export.quantize.gptq import GptqOptions, gptq_quantize, hessian, quantize_layer_gptq
 from qdc_export.quantize.graph import quantization_plan
 from qdc_export.quantize.int4 import (
-    weight_value,
     compute_layers,
     input_rows,
     insert_recorders,
     remove_recorders,
     select_layers,
+    weight_value,
 )
+from qdc_export.quantize.plan import DEFAULT_PTQ, PTQ_RECIPES, parse_ptq
 
 
 def _recorded_graph(name: str, steps: int, seeds: tuple[int, ...], items: int = 4):

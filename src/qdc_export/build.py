@@ -79,6 +79,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             info["passes"].append({"name": "to_half", "modified": halved.modified, **halved.details})
         with timer.stage("export_onnx"):
             export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names,
+                        int4_weights=config.plan.int4_weights,
                         half=half)
         if config.target == "tensorrt":
             with timer.stage("tensorrt"):

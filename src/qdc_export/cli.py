@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from qdc_export.errors import UserError
+from qdc_export.quantize.plan import PRECISIONS
 
 EXIT_USER_ERROR = 1
 
@@ -75,7 +76,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--precision", type=click.Choice(["fp32", "w8a8", "w4a16", "w4a8", "w4a4"]), default="w8a8", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="w8a8", show_default=True)
 @click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "euler", "dpmsolver++"]), default="ddim", show_default=True)
 @click.option("--scheduler-config", "scheduler_config", type=click.Path(path_type=Path), default=None,
               help="the model's scheduler_config.json (or a folder holding it), where MODEL has none")

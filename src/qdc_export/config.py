@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from qdc_export.errors import UserError
+from qdc_export.quantize.plan import PrecisionPlan
 
-PRECISIONS = ("fp32", "w8a8", "w4a16", "w4a8", "w4a4")
 SCHEDULERS = ("ddim", "ddpm", "euler", "dpmsolver++")
 OBSERVERS = ("minmax", "percentile", "mse")
 COMPENSATIONS = ("none", "tcec", "ptqd", "tac")
 TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
 TARGETS = ("onnxruntime", "tensorrt")
-WEIGHT_BLOCK_SIZES = (64, 128)
 # Seed sets (tests/test_seeds.py checks they are disjoint at these maxima): calibration, compensation-fit and
 # held-out seeds are blocks of 1000 per --seed from 100 000 on (calibrate.calibration_seeds; the fit and held-out
 # blocks are --seed + 7 and + 13), parity seeds 50 000 + i, evaluation seeds 0..N-1.
@@ -26,42 +26,6 @@ TRT_FLOAT_TYPES = ("fp16", "bf16")
 # onnxruntime forms and their manifests stay exactly what they were before these options existed.
 TRT_CONV_MODES = ("int8", "float")  # convolutions of a TensorRT W4A16 build (INT4 runs only in GEMMs there)
 TRT_ONLY_KEYS = ("trt_float", "trt_version", "trt_conv")
-# INT4 PTQ recipes: at most one transform of the layer (AWQ scaling or SVDQuant smoothing + low rank), then the
-# rounding of the INT4 weights (round-to-nearest with clip search, or GPTQ on the same grid and scales).
-PTQ_TRANSFORMS = {"awq": ("w4a16", "w4a8"), "svdquant": ("w4a16", "w4a8", "w4a4")}
-PTQ_ROUNDINGS = ("rtn", "gptq")
-PTQ_RECIPES = ("rtn", "gptq", "awq", "awq+gptq", "svdquant", "svdquant+gptq")
-# What a build uses when --ptq is not given: the best recipe measured per precision (benchmarks/results/
-# fidelity.md, digits-uncond and digits-cond, DDIM 20). Precisions without INT4 weights have no recipe: "rtn".
-DEFAULT_PTQ = {"w4a16": "gptq", "w4a8": "svdquant+gptq", "w4a4": "svdquant+gptq"}
-
-
-def parse_ptq(text: str, precision: str) -> str:
-    """A recipe such as "awq+gptq" -> its canonical form (transform first, "+rtn" dropped); one-line errors."""
-    parts = [p.strip().lower() for p in str(text).split("+")]
-    if any(not p for p in parts):
-        raise UserError(f"--ptq {text!r}: empty part; write e.g. gptq or awq+gptq")
-    unknown = [p for p in parts if p not in PTQ_TRANSFORMS and p not in PTQ_ROUNDINGS]
-    if unknown:
-        raise UserError(f"--ptq {text!r}: unknown part {unknown[0]!r}; recipes: {', '.join(PTQ_RECIPES)}")
-    transforms = [p for p in parts if p in PTQ_TRANSFORMS]
-    roundings = [p for p in parts if p in PTQ_ROUNDINGS]
-    if len(transforms) > 1 or len(roundings) > 1:
-        raise UserError(f"--ptq {text!r}: at most one of {', '.join(PTQ_TRANSFORMS)} and one of "
-                        f"{', '.join(PTQ_ROUNDINGS)}; recipes: {', '.join(PTQ_RECIPES)}")
-    rounding = roundings[0] if roundings else "rtn"
-    recipe = "+".join(transforms + ([rounding] if rounding != "rtn" or not transforms else []))
-    if not precision.startswith("w4"):
-        if recipe != "rtn":
-            raise UserError(f"--ptq {recipe} applies to INT4 weights (w4a16, w4a8, w4a4), not {precision}")
-        return recipe
-    for transform in transforms:
-        if precision not in PTQ_TRANSFORMS[transform]:
-            raise UserError(f"--ptq {recipe}: {transform} applies to {' and '.join(PTQ_TRANSFORMS[transform])}, "
-                            f"not {precision}")
-    return recipe
-
-
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
@@ -103,13 +67,16 @@ class BuildConfig:
     # as the model's pipeline does. Recorded in the manifest; the engine's schedule guard compares against them.
     scheduler_overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # --precision / --ptq decoded once (quantize.plan); derived, so not part of to_dict()
+    plan: PrecisionPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_choice("precision", self.precision, PRECISIONS)
+        plan = PrecisionPlan.parse(self.precision, self.ptq, weight_block_size=self.weight_block_size,
+                                   svdquant_rank=self.svdquant_rank)
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "ptq", plan.ptq)
         if self.compensation is None:
-            object.__setattr__(self, "compensation", "tcec" if self.precision != "fp32" else "none")
-        ptq = self.ptq if self.ptq is not None else DEFAULT_PTQ.get(self.precision, "rtn")
-        object.__setattr__(self, "ptq", parse_ptq(ptq, self.precision))
+            object.__setattr__(self, "compensation", "tcec" if plan.quantized else "none")
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("observer", self.observer, OBSERVERS)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -126,18 +93,9 @@ class BuildConfig:
             raise UserError(f"--seed must be >= 0, got {self.seed}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
-        if self.weight_block_size not in WEIGHT_BLOCK_SIZES:
-            raise UserError(f"weight block size must be one of {WEIGHT_BLOCK_SIZES}, got {self.weight_block_size}")
-        if self.svdquant_rank < 1:
-            raise UserError(f"--svdquant-rank must be >= 1, got {self.svdquant_rank}")
-        if self.precision == "w4a4" and self.target == "tensorrt":
-            raise UserError("w4a4 cannot target TensorRT: TensorRT has no 4-bit activation quantization (INT4 is "
-                            "weight-only there; W4A4 needs a custom plugin). Use --target onnxruntime, or w4a16 "
-                            "for TensorRT")
-        if self.precision == "w4a8" and self.target == "tensorrt":
-            raise UserError("w4a8 cannot target TensorRT: TensorRT runs INT4 only as weight-only GEMMs in the "
-                            "activation's float type and has no INT4-weight x INT8-activation kernel; use --target "
-                            "onnxruntime, or w4a16 / w8a8 for TensorRT")
+        refusal = plan.runs_on_tensorrt()
+        if refusal and self.target == "tensorrt":
+            raise UserError(refusal)
         _check_choice("--trt-float", self.trt_float, TRT_FLOAT_TYPES)
         _check_choice("--trt-conv", self.trt_conv, TRT_CONV_MODES)
         if self.trt_float == "bf16":  # measured: onnx.checker rejects Conv(tensor(bfloat16)) at opset 21
@@ -147,7 +105,7 @@ class BuildConfig:
             from qdc_export.engines.trt_rules import parse_version
 
             parse_version(self.trt_version)  # a UserError for a malformed or unsupported version
-        if self.precision == "fp32" and self.compensation != "none":
+        if not plan.quantized and self.compensation != "none":
             raise UserError("compensation needs a quantized precision; fp32 has no quantization error")
         object.__setattr__(self, "trt_batch_range", tuple(int(b) for b in self.trt_batch_range))
         lo, opt, hi = self.trt_batch_range
@@ -157,24 +115,8 @@ class BuildConfig:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
-    @property
-    def quantized(self) -> bool:
-        return self.precision != "fp32"
-
-    @property
-    def ptq_transform(self) -> str | None:
-        """"awq", "svdquant" or None."""
-        first = self.ptq.split("+")[0]
-        return first if first in PTQ_TRANSFORMS else None
-
-    @property
-    def ptq_rounding(self) -> str:
-        """"rtn" or "gptq"."""
-        last = self.ptq.split("+")[-1]
-        return last if last in PTQ_ROUNDINGS else "rtn"
-
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
         if self.target != "tensorrt":
             for key in TRT_ONLY_KEYS:
@@ -183,7 +125,7 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"unknown build config keys: {', '.join(unknown)}")

@@ -18,6 +18,7 @@ from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.load.models import LoadedModel, load_model
 from qdc_export.load.plugins.base import COMP_STATE
 from qdc_export.manifest import read_manifest, verify_artifacts
+from qdc_export.quantize.plan import PrecisionPlan
 from qdc_export.sampling import TorchDenoiser, make_scheduler
 
 PARITY_SEED_OFFSET = 50_000
@@ -115,7 +116,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
         steps=int(build["steps"]),
         latent_shape=tuple(manifest["io"]["inputs"][0]["shape"][1:]),
         conditioning=model.conditioning,
-        quantized=build["precision"] != "fp32",
+        quantized=PrecisionPlan.parse(build["precision"]).quantized,
     )
     seeds = seeds or [PARITY_SEED_OFFSET + i for i in range(int(build["parity_samples"]))]
     run = run_parity(case, seeds, tolerances)

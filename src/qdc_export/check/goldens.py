@@ -20,6 +20,7 @@ from qdc_export.check.parity import ParityTolerances
 from qdc_export.errors import UserError
 from qdc_export.load.plugins.base import NOISE_PRED
 from qdc_export.metrics import error_stats
+from qdc_export.quantize.plan import PrecisionPlan
 
 GOLDEN_RUNNER = "golden"
 
@@ -93,7 +94,7 @@ def compare_against(goldens_path: Path, runner: BaseRunner, tol: ParityTolerance
     if not isinstance(data, dict) or data.get("format") != "qdc-export-goldens/1":
         raise UserError(f"{goldens_path} is not a qdc-export goldens file")
     feeds, golden = data["inputs"], data["outputs"]
-    quantized = data["precision"] != "fp32"
+    quantized = PrecisionPlan.parse(data["precision"]).quantized
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         fresh = Comparator.run([runner], data_loader=feeds)
         combined = RunResults()

@@ -55,8 +55,10 @@ def strip_exporter_metadata(model) -> None:
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, *,
-                input_names: list[str], output_names: list[str], half: str | None = None) -> onnx.ModelProto:
-    """``half`` ("fp16" / "bf16"): the module computes in that type (:mod:`qdc_export.quantize.half`);
+                input_names: list[str], output_names: list[str], int4_weights: bool,
+                half: str | None = None) -> onnx.ModelProto:
+    """``int4_weights`` (the precision plan's): the graph holds INT4 weights, stored as packed INT4 initializers.
+    ``half`` ("fp16" / "bf16"): the module computes in that type (:mod:`qdc_export.quantize.half`);
     its Q/DQ scales are stored in it (:mod:`qdc_export.export.onnx_half`)."""
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} for _ in example)
@@ -77,9 +79,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
 
         retype_qdq_scales(program.model, {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[half])
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    has_int4 = any(n.op == "call_function" and str(n.target).startswith("qdc.")
-                   for n in getattr(module, "graph", torch.fx.Graph()).nodes)
-    if has_int4:
+    if int4_weights:
         proto, _ = pack_int4_initializers(program.model_proto)
         onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_THRESHOLD,
                   location=path.name + ".data")

@@ -30,7 +30,7 @@ import torch.fx
 
 from qdc_export.passes import PassResult
 from qdc_export.quantize.fake_quant import CONV2D, fake_quantize_blockwise, fake_quantize_int8_tensor
-from qdc_export.quantize.int4 import weight_value, holder_submodule, input_rows, layers_with_inputs
+from qdc_export.quantize.int4 import holder_submodule, input_rows, layers_with_inputs, weight_value
 from qdc_export.quantize.svdquant import _replace_attr
 
 HOLDER = "qdc_awq"  # submodule holding the 1/s factors (buffers only: no new layers)

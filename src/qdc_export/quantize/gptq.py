@@ -35,7 +35,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from qdc_export.quantize.fake_quant import LINEAR, QMAX, QMIN, quantize_blockwise
+from qdc_export.quantize.fake_quant import LINEAR, QMAX, QMIN, dequantize_blockwise, quantize_blockwise
 
 DEFAULT_DAMP = 0.01
 DEFAULT_LAZY_BLOCK = 128
@@ -144,7 +144,6 @@ def quantize_layer_gptq(w: torch.Tensor, h: torch.Tensor, block_size: int, clip_
                         options: GptqOptions = GptqOptions()) -> GptqLayerResult:
     """GPTQ with each clip ratio's RTN scales; the candidate (GPTQ or RTN, any ratio) with the lowest output
     error on H wins, so a layer never ends up worse than RTN on its own calibration objective."""
-    from qdc_export.quantize.fake_quant import dequantize_blockwise
 
     best: GptqLayerResult | None = None
     rtn_best = math.inf

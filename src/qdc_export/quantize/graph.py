@@ -21,12 +21,11 @@ from qdc_export.quantize.qdq import insert_observers, materialize_qdq
 
 def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPlan:
     excluded = tuple(model.adapter.default_float_layers) + tuple(config.exclude)
-    if config.ptq_transform == "svdquant":
+    if config.plan.ptq_transform == "svdquant":
         excluded += (SVDQUANT_FLOAT_GLOB,)  # SVDQuant's low-rank branch stays float
-    # w4a16: no activation quantization; w4a4: INT4 dynamic group activations come from the INT4 pass
-    activation_bits = {"w4a16": None, "w4a4": None}.get(config.precision, 8)
+    # PT2E observes static INT8 activations only (w8a8, w4a8); W4A4's dynamic INT4 ones come from the INT4 pass
     return QuantizationPlan(
-        weight_bits=4 if config.precision.startswith("w4") else 8, activation_bits=activation_bits,
+        weight_bits=config.plan.weight_bits or 8, activation_bits=config.plan.static_activation_bits,
         observer=config.observer, percentile=config.percentile,
         quantize_attention=config.quantize_attention, float_layers=excluded, include=config.include,
     )
@@ -42,9 +41,9 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
     result = remove_inference_noops(gm)
     info["passes"].append({"name": "remove_inference_noops", "modified": result.modified, **result.details})
     gm = result.module
-    if config.precision.startswith("w4"):
+    if config.plan.int4_weights:
         gm = build_int4_graph(gm, model, config, quantization_plan(config, model), info, timer, progress)
-    elif config.quantized:
+    elif config.plan.quantized:
         plan = quantization_plan(config, model)
         with timer.stage("insert_observers"):
             observed, _ = insert_observers(gm, plan)
@@ -59,7 +58,7 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
             converted = materialize_qdq(observed.module)
         info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
         gm = converted.module
-    info.update(weight_summary(gm, config.precision, config.target))
+    info.update(weight_summary(gm, config.plan, config.target))
     return gm, example, info
 
 

@@ -1,4 +1,4 @@
-"""The INT4 part of the build (w4a16, w4a8, w4a4; a PTQ recipe, config.PTQ_RECIPES), called from build_graph:
+"""The INT4 part of the build (w4a16, w4a8, w4a4; a PTQ recipe, quantize.plan.PTQ_RECIPES), called from build_graph:
 
 record layer inputs on calibration trajectories -> [awq | svdquant] -> [w4a8: PT2E INT8 activation observers,
 calibration, Q/DQ] -> INT4 weights (rtn: clip search on the recorded inputs; gptq: GPTQ rounding with the
@@ -19,14 +19,15 @@ from qdc_export.quantize.calibrate import run_calibration
 from qdc_export.quantize.fake_quant import CONV2D, LINEAR
 from qdc_export.quantize.int4 import (
     Int4Options,
-    weight_value,
     compute_layers,
     insert_recorders,
     quantize_int4,
     remove_recorders,
     select_layers,
     weight_bytes_by_dtype,
+    weight_value,
 )
+from qdc_export.quantize.plan import ACTIVATION_GROUP, PrecisionPlan
 from qdc_export.quantize.qdq import insert_observers, materialize_qdq
 from qdc_export.quantize.svdquant import HOLDER, SvdQuantOptions, svdquant
 
@@ -35,20 +36,19 @@ RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip sear
 # they record more trajectories and several batch items per call (both halves of a guided batch)
 RECORD_SAMPLES_FITTED = 4
 RECORD_ITEMS_FITTED = 4
-ACTIVATION_GROUP = 64
 
 
-def deployability(precision: str, target: str = "onnxruntime") -> tuple[list[str], str]:
-    if precision == "w4a4":
+def deployability(plan: PrecisionPlan, target: str = "onnxruntime") -> tuple[list[str], str]:
+    if plan.activation == "int4-group":
         return ["onnxruntime"], ("INT4 activations (W4A4) cannot be expressed in TensorRT (INT4 is weight-only "
                                  "there); this model runs on ONNX Runtime")
-    if precision == "w4a8":
+    if plan.int4_weights and plan.activation == "int8-tensor":
         return ["onnxruntime"], ("TensorRT has no INT4-weight x INT8-activation kernel (INT4 is weight-only GEMM "
                                  "there); this model runs on ONNX Runtime")
-    if precision == "w4a16" and target != "tensorrt":
+    if plan.int4_weights and target != "tensorrt":
         return ["onnxruntime"], ("this form has INT4 convolutions and ragged blocks, which TensorRT rejects (INT4 "
                                  "only on GEMM weights, block dividing K); build with --target tensorrt")
-    if precision == "w4a16":
+    if plan.int4_weights:
         return ["onnxruntime", "tensorrt"], ("TensorRT form: INT4 blocked weights on Linear layers whose input size "
                                              "the block divides; convolutions INT8 (W8A8) or float (--trt-conv); "
                                              "other Linear layers float")
@@ -72,7 +72,7 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     quantized, kept = select_layers(gm, plan.float_layers, plan.include)
     int8_convs: list[str] = []
     if config.target == "tensorrt":
-        quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.weight_block_size)
+        quantized, not_gemm = tensorrt_int4_layers(gm, quantized, config.plan.weight_block_size)
         convs = {name for name, node in compute_layers(gm) if node.target == CONV2D}
         int8_convs = [n for n in not_gemm if n in convs] if config.trt_conv == "int8" else []
         kept += [n for n in not_gemm if n not in int8_convs]
@@ -80,7 +80,8 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     if int8_convs:
         info["int8_layers"] = int8_convs
     calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
-    fitted = config.ptq_transform == "awq" or config.ptq_rounding == "gptq"
+    precision = config.plan
+    fitted = precision.ptq_transform == "awq" or precision.ptq_rounding == "gptq"
     samples, items = (RECORD_SAMPLES_FITTED, RECORD_ITEMS_FITTED) if fitted else (RECORD_SAMPLES, 1)
     with timer.stage("record_activations"):
         rec = insert_recorders(gm, quantized, items=items)
@@ -88,16 +89,16 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
         removed, activations = remove_recorders(gm)
     info["passes"].append({"name": "record_layer_inputs", "modified": False, "layers": rec.details["recorders"],
                            "trajectories": min(samples, config.calib_samples), "batch_items_per_call": items})
-    info["ptq"] = config.ptq
-    if config.ptq_transform == "awq":
-        awq_options = AwqOptions(block_size=config.weight_block_size,
-                                 activation="int8-tensor" if config.precision == "w4a8" else "none")
+    info["ptq"] = precision.ptq
+    if precision.ptq_transform == "awq":
+        awq_options = AwqOptions(block_size=precision.weight_block_size,
+                                 activation="int8-tensor" if precision.activation == "int8-tensor" else "none")
         with timer.stage("awq"):
             result, activations = awq(gm, quantized, activations, awq_options)
         info["passes"].append({"name": "awq", "modified": result.modified, **result.details})
-    if config.ptq_transform == "svdquant":
-        options = SvdQuantOptions(rank=config.svdquant_rank, block_size=config.weight_block_size,
-                                  activation={"w4a4": "int4-group", "w4a8": "int8-tensor"}.get(config.precision, "none"),
+    if precision.ptq_transform == "svdquant":
+        options = SvdQuantOptions(rank=precision.svdquant_rank, block_size=precision.weight_block_size,
+                                  activation="none" if precision.activation == "float" else precision.activation,
                                   activation_group=ACTIVATION_GROUP)
         with timer.stage("svdquant"):
             result, activations = svdquant(gm, quantized, activations, options)
@@ -121,16 +122,16 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
         others = tuple(name for name, _ in compute_layers(gm) if name not in int8_convs)
         conv_plan = dataclasses.replace(plan, weight_bits=8, activation_bits=8, float_layers=others, include=())
         gm = int8_qdq(gm, conv_plan, layers="int8 convolutions")
-    options4 = Int4Options(block_size=config.weight_block_size, rounding=config.ptq_rounding,
-                           activation_group=ACTIVATION_GROUP if config.precision == "w4a4" else None)
+    options4 = Int4Options(block_size=precision.weight_block_size, rounding=precision.ptq_rounding,
+                           activation_group=precision.activation_group)
     with timer.stage("quantize_int4"):
         result = quantize_int4(gm, quantized, options4, activations)
     info["passes"].append({"name": "quantize_int4", "modified": result.modified, **result.details})
     return result.module
 
 
-def weight_summary(gm: torch.nn.Module, precision: str, target: str = "onnxruntime") -> dict[str, Any]:
-    deployable, note = deployability(precision, target)
+def weight_summary(gm: torch.nn.Module, plan: PrecisionPlan, target: str = "onnxruntime") -> dict[str, Any]:
+    deployable, note = deployability(plan, target)
     out: dict[str, Any] = {"weight_bytes_by_dtype": weight_bytes_by_dtype(gm), "deployable_on": deployable}
     if note:
         out["deployability_note"] = note

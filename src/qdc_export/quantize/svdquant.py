@@ -43,7 +43,7 @@ from qdc_export.quantize.fake_quant import (
     fake_quantize_int4_group,
     fake_quantize_int8_tensor,
 )
-from qdc_export.quantize.int4 import weight_value, holder_submodule, input_rows, layers_with_inputs
+from qdc_export.quantize.int4 import holder_submodule, input_rows, layers_with_inputs, weight_value
 
 HOLDER = "qdc_svdquant"  # submodule holding smoothing factors and low-rank factors; a float-layer glob
 DEFAULT_ALPHAS: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)

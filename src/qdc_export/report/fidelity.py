@@ -33,6 +33,7 @@ from qdc_export.infra.provenance import source_hash
 from qdc_export.load.models import LoadedModel, io_description, load_model
 from qdc_export.metrics import psnr, relative_latent_error, ssim
 from qdc_export.quantize.graph import build_graph
+from qdc_export.quantize.plan import PrecisionPlan
 from qdc_export.sampling import (
     Denoiser,
     TorchDenoiser,
@@ -228,6 +229,7 @@ def export_engine(
         tmp,
         input_names=[i["name"] for i in io["inputs"]],
         output_names=[o["name"] for o in io["outputs"]],
+        int4_weights=config.plan.int4_weights,
     )
     tmp.replace(folder / "model.onnx")
     info = {
@@ -294,7 +296,7 @@ def evaluate_case(
     """Rows (one per method) for one (model, precision, sampler). ONNX models are cached in ``cache_dir`` by
     model weights, config and code version, so an interrupted run resumes where it stopped."""
     methods = list(methods)
-    if case.precision == "fp32":
+    if not PrecisionPlan.parse(**precision_fields(case.precision)).quantized:
         methods = ["none"]
     model = model or load_model(case.model)
     fingerprint = model_fingerprint(model)

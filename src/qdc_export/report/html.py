@@ -42,7 +42,7 @@ def render_html(manifest: dict[str, Any], summary: dict[str, Any], parity: dict[
 
     esc = html.escape
     config = BuildConfig.from_dict(manifest["build"])
-    titles = column_titles(config.precision, summary["method"], config.quantized)
+    titles = column_titles(config.precision, summary["method"], config.plan.quantized)
     value_cols = [(titles[key].replace("\n", " "), values) for key, values in summary["psnr_db"].items()]
     layer_rows = summary.get("layer_sensitivity") or []
     model_name = manifest["model"]["source"].get("name", manifest["model"]["source"].get("path", "?"))

@@ -126,15 +126,15 @@ def _group_quant(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tens
 
 
 def _quantize_weight(w: torch.Tensor, config: BuildConfig) -> torch.Tensor:
-    if config.precision.startswith("w4"):
-        return _group_quant(w, 4, config.weight_block_size, dim=1)
+    if config.plan.int4_weights:
+        return _group_quant(w, 4, config.plan.weight_block_size, dim=1)
     return _fake_quant(w, w.abs().flatten(1).amax(1).reshape(-1, *([1] * (w.dim() - 1))), 8)
 
 
 def _quantize_activation(x: torch.Tensor, config: BuildConfig) -> torch.Tensor:
-    if config.precision in ("w4a16", "fp32"):
+    if config.plan.activation == "float":
         return x
-    if config.precision == "w4a4":
+    if config.plan.activation == "int4-group":
         return _group_quant(x, 4, 64, dim=1)
     flat = x.abs().flatten().double()
     if config.observer == "percentile":
@@ -370,7 +370,7 @@ def write_report(
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
     compensation = manifest.get("compensation", {})
     method = "none" if compensation.get("rejected") else compensation.get("method", "none")  # not in the engine
-    quantized = config.quantized
+    quantized = config.plan.quantized
     columns: list[tuple[str, torch.Tensor, list[float] | None]] = [
         ("FP model\n(eager PyTorch)", reference[-1], None)
     ]
