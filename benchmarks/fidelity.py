@@ -75,7 +75,7 @@ def merge(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[st
 
 def _precision_rank(label: str, precisions: tuple[str, ...]) -> tuple[int, int]:
     """fp32, w8a8, w4a16, w4a16+gptq, ..., w4a8, w4a8+svdquant, ...: precision, then PTQ recipe order."""
-    from qdc_export.quantize.plan import PTQ_RECIPES
+    from qdc_export.precision import PTQ_RECIPES
 
     base, _, recipe = label.partition("+")
     return precisions.index(base) if base in precisions else 99, _rank(recipe or "rtn", PTQ_RECIPES)
@@ -87,7 +87,7 @@ def _rank(name: str, names: Any) -> int:
 
 
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from qdc_export.quantize.plan import PRECISIONS
+    from qdc_export.precision import PRECISIONS
     from qdc_export.report.fidelity import METHODS, SAMPLERS
 
     def key(r: dict[str, Any]) -> tuple:

@@ -36,20 +36,20 @@ def observed_tiny(observer: str = "percentile"):
     from qdc_export.config import BuildConfig
     from qdc_export.load.models import load_model
     from qdc_export.quantize.graph import quantization_plan
-    from qdc_export.quantize.qdq import insert_observers
+    from qdc_export.quantize.qdq import insert_observers_
 
     model = load_model("tiny-unet2d")
     gm, _ = capture(model.unet, model.adapter)
-    observed, _ = insert_observers(gm, quantization_plan(BuildConfig(precision="w8a8", observer=observer), model))
+    observed = insert_observers_(gm, quantization_plan(BuildConfig(precision="w8a8", observer=observer), model))
     return observed.module, model
 
 
 def ranges_and_qparams(observed) -> dict[str, list]:
-    from qdc_export.quantize.qdq import materialize_qdq
+    from qdc_export.quantize.qdq import materialize_qdq_
 
     ranges = {name: (m.min_val.clone(), m.max_val.clone()) for name, m in observed.named_modules()
               if hasattr(m, "min_val")}
-    converted = materialize_qdq(observed).module
+    converted = materialize_qdq_(observed).module
     qparams = []
     for node in converted.graph.nodes:
         if node.op == "call_function" and "quantize" in str(node.target):

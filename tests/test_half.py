@@ -9,7 +9,7 @@ import torch
 from qdc_export.capture import capture
 from qdc_export.load.models import load_model
 from qdc_export.metrics import error_stats
-from qdc_export.quantize.half import to_half
+from qdc_export.quantize.half import to_half_
 
 SNR_DB_MIN = 60.0  # same ops in the same dtype; left: op-order / fused-kernel rounding differences only
 
@@ -18,7 +18,7 @@ def test_half_graph_matches_diffusers_in_fp16():
     model = load_model("tiny-unet2d")
     gm, example = capture(model.unet, model.adapter)
     names = [s.name for s in model.adapter.input_specs(model.unet)]
-    result = to_half(gm, example, names)
+    result = to_half_(gm, example, names)
     assert result.details["input_casts"] == 1 and result.details["mixed_dtype_casts"] >= 1
     half_unet = copy.deepcopy(model.unet).half().eval()
     torch.manual_seed(0)

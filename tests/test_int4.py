@@ -23,8 +23,8 @@ from qdc_export.quantize.fake_quant import (
     quantize_blockwise,
     search_clip_ratio,
 )
-from qdc_export.quantize.int4 import Int4Options, insert_recorders, pack_int4_initializers, quantize_int4
-from qdc_export.quantize.svdquant import SvdQuantOptions, svdquant
+from qdc_export.quantize.int4 import Int4Options, insert_recorders_, pack_int4_initializers, quantize_int4_
+from qdc_export.quantize.svdquant import SvdQuantOptions, svdquant_
 from qdc_export.report.inspection import inspect_model
 
 BUILDS = [  # (model, precision, overrides): each INT4 form once; tiny-sd is the SD-style reference
@@ -266,10 +266,11 @@ def test_svdquant_reduces_w4a4_layer_error_vs_rtn():
         gm = _graph(module, xs[0])
         acts = {"proj": list(xs)}
         if ptq == "svdquant":
-            result, acts = svdquant(gm, ["proj"], acts, SvdQuantOptions(rank=8, rank_divisor=4))
+            result = svdquant_(gm, ["proj"], acts, SvdQuantOptions(rank=8, rank_divisor=4))
+            acts = result.products["activations"]
             assert result.modified and result.details["layers"]["proj"]["error"] < \
                 result.details["layers"]["proj"]["rtn_error"]
-        quantize_int4(gm, ["proj"], Int4Options(activation_group=64), acts)
+        quantize_int4_(gm, ["proj"], Int4Options(activation_group=64), acts)
         with torch.no_grad():
             return gm(test_x)
 
@@ -283,17 +284,17 @@ def test_passes_report_modified_honestly():
     module = _Linear().eval()
     x = torch.randn(1, 4, 128)
     gm = _graph(module, x)
-    assert not quantize_int4(gm, [], Int4Options()).modified
-    assert not insert_recorders(gm, []).modified
-    result, _ = svdquant(gm, ["proj"], {}, SvdQuantOptions())  # no recorded inputs: nothing to do
+    assert not quantize_int4_(gm, [], Int4Options()).modified
+    assert not insert_recorders_(gm, []).modified
+    result = svdquant_(gm, ["proj"], {}, SvdQuantOptions())  # no recorded inputs: nothing to do
     assert not result.modified
     fp = torch.onnx.export(gm, (x,), dynamo=True, opset_version=21, verbose=False).model_proto
     _, counts = pack_int4_initializers(fp)
     assert counts == {"int4_initializers": 0}
     # and the real thing does modify, and stays numerically the same graph
     before = gm(x)
-    assert quantize_int4(gm, ["proj"], Int4Options()).modified
-    assert not quantize_int4(gm, ["proj"], Int4Options()).modified  # already INT4: nothing left to do
+    assert quantize_int4_(gm, ["proj"], Int4Options()).modified
+    assert not quantize_int4_(gm, ["proj"], Int4Options()).modified  # already INT4: nothing left to do
     w = module.unet.proj.weight.detach()
     expected = F.linear(x, dequantize_blockwise(*quantize_blockwise(w, 64), 64), module.unet.proj.bias)
     assert torch.allclose(gm(x), expected, atol=1e-6) and not torch.equal(gm(x), before)

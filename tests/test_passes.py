@@ -8,9 +8,9 @@ from qdc_export.config import BuildConfig
 from qdc_export.load.models import load_model
 from qdc_export.metrics import error_stats
 from qdc_export.passes import count_targets
-from qdc_export.quantize.cleanup import remove_inference_noops
+from qdc_export.quantize.cleanup import remove_inference_noops_
 from qdc_export.quantize.graph import quantization_plan
-from qdc_export.quantize.qdq import insert_observers, materialize_qdq
+from qdc_export.quantize.qdq import insert_observers_, materialize_qdq_
 
 
 @pytest.fixture
@@ -40,13 +40,13 @@ def test_cleanup_reports_honestly():
     before = [(n.op, str(n.target)) for n in gm.graph.nodes]
     dropouts = before.count(("call_function", "aten.dropout.default"))
     assert dropouts > 0, "tiny-unet2d's captured graph should carry eval-mode dropout calls"
-    first = remove_inference_noops(gm)
+    first = remove_inference_noops_(gm)
     after = [(n.op, str(n.target)) for n in first.module.graph.nodes]
     assert ("call_function", "aten.dropout.default") not in after
     assert len(before) - len(after) >= dropouts and first.modified == (after != before) and first.modified
     with torch.no_grad():
         assert torch.equal(first.module(*example), before_out)  # eval-mode dropout is the identity
-    second = remove_inference_noops(first.module)
+    second = remove_inference_noops_(first.module)
     again = [(n.op, str(n.target)) for n in second.module.graph.nodes]
     assert again == after and second.modified is False
 
@@ -54,13 +54,13 @@ def test_cleanup_reports_honestly():
 def test_observers_follow_tensorrt_placement_and_skip_float_layers(captured):
     model, gm, example = captured
     plan = quantization_plan(BuildConfig(), model)
-    result, quantizer = insert_observers(gm, plan)
+    result = insert_observers_(gm, plan)
     assert result.modified and result.details["observers"] > 0
-    layers = result.details["quantized_layers"]
+    layers = result.products["quantized_layers"]
     assert layers and all("time_emb" not in name and name not in ("conv_in", "conv_out") for name in layers)
-    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(result.details["float_layers"])
+    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(result.products["float_layers"])
     result.module(*example)
-    converted = materialize_qdq(result.module)
+    converted = materialize_qdq_(result.module)
     assert converted.modified
     counts = count_targets(converted.module)
     # One per-channel INT8 weight DQ per quantized layer; activations per-tensor.
@@ -73,7 +73,7 @@ def test_observers_follow_tensorrt_placement_and_skip_float_layers(captured):
 
 def test_timestep_path_is_never_quantized(captured):
     model, gm, example = captured
-    result, _ = insert_observers(gm, quantization_plan(BuildConfig(), model))
+    result = insert_observers_(gm, quantization_plan(BuildConfig(), model))
     timestep = [n for n in result.module.graph.nodes if n.op == "placeholder"][1]
     frontier, seen = [timestep], set()
     while frontier:  # walk forward from the timestep until the first Conv/Linear consumer
@@ -92,8 +92,8 @@ def test_timestep_path_is_never_quantized(captured):
 def test_include_and_exclude_globs_change_the_plan(captured):
     model, gm, _ = captured
     plan = quantization_plan(BuildConfig(exclude=("down_blocks.*",), include=("conv_in",)), model)
-    result, _ = insert_observers(gm, plan)
-    layers = result.details["quantized_layers"]
+    result = insert_observers_(gm, plan)
+    layers = result.products["quantized_layers"]
     assert "conv_in" in layers and not any(n.startswith("down_blocks.") for n in layers)
 
 
@@ -119,15 +119,15 @@ def test_sampler_scales_the_starting_noise_of_the_set_schedule():
 
 @pytest.mark.parametrize("precision", ["w8a8", "w4a16"])
 def test_sink_weight_computations_puts_each_weight_op_next_to_its_user_and_keeps_outputs(precision):
-    from qdc_export.quantize.cleanup import remove_unused_weights, sink_weight_computations
+    from qdc_export.quantize.cleanup import remove_unused_weights_, sink_weight_computations_
     from qdc_export.quantize.graph import build_graph
 
     model = load_model("tiny-sd")
     gm, example, _ = build_graph(model, BuildConfig(precision=precision, steps=2, calib_samples=1))
-    remove_unused_weights(gm)
+    remove_unused_weights_(gm)
     with torch.no_grad():
         before = gm(*example)
-    result = sink_weight_computations(gm)
+    result = sink_weight_computations_(gm)
     with torch.no_grad():
         after = gm(*example)
     assert torch.equal(before, after)  # a reordering: bit-identical
@@ -142,7 +142,7 @@ def test_sink_weight_computations_puts_each_weight_op_next_to_its_user_and_keeps
         assert all(b.op == "get_attr" or b in weight_ops or all(i.op != "placeholder" for i in b.all_input_nodes)
                    for b in between), (node.name, [b.name for b in between])
         assert len(between) <= 8, (node.name, [b.name for b in between])
-    assert sink_weight_computations(gm).modified is False  # idempotent
+    assert sink_weight_computations_(gm).modified is False  # idempotent
     # PT2E puts every weight dequantization at the top of the graph; the INT4 pass already inserts its own
     # right before the layer, so there is nothing to move
     assert result.modified == (precision == "w8a8") == (result.details["moved"] > 0), result.details

@@ -15,21 +15,21 @@ from qdc_export.config import BuildConfig
 from qdc_export.errors import UserError
 from qdc_export.load.models import load_model
 from qdc_export.manifest import read_manifest
-from qdc_export.quantize.awq import AwqOptions, awq
+from qdc_export.precision import DEFAULT_PTQ, PTQ_RECIPES, parse_ptq
+from qdc_export.quantize.awq import AwqOptions, awq_
 from qdc_export.quantize.calibrate import run_calibration
-from qdc_export.quantize.cleanup import remove_inference_noops
+from qdc_export.quantize.cleanup import remove_inference_noops_
 from qdc_export.quantize.fake_quant import dequantize_blockwise, quantize_blockwise
 from qdc_export.quantize.gptq import GptqOptions, gptq_quantize, hessian, quantize_layer_gptq
 from qdc_export.quantize.graph import quantization_plan
 from qdc_export.quantize.int4 import (
     compute_layers,
     input_rows,
-    insert_recorders,
-    remove_recorders,
+    insert_recorders_,
+    remove_recorders_,
     select_layers,
     weight_value,
 )
-from qdc_export.quantize.plan import DEFAULT_PTQ, PTQ_RECIPES, parse_ptq
 
 
 def _recorded_graph(name: str, steps: int, seeds: tuple[int, ...], items: int = 4):
@@ -37,13 +37,13 @@ def _recorded_graph(name: str, steps: int, seeds: tuple[int, ...], items: int = 
     calibration trajectories (as the build records them for GPTQ: several batch items per call)."""
     model = load_model(name)
     gm, _ = capture(model.unet, model.adapter)
-    gm = remove_inference_noops(gm).module
+    gm = remove_inference_noops_(gm).module
     quantized, _ = select_layers(gm, quantization_plan(BuildConfig(precision="w4a16"), model).float_layers, ())
     recorded = []
     for seed in seeds:
-        insert_recorders(gm, quantized, items=items)
+        insert_recorders_(gm, quantized, items=items)
         run_calibration(gm, model, scheduler_name="ddim", steps=steps, seed=seed, samples=2)
-        recorded.append(remove_recorders(gm)[1])
+        recorded.append(remove_recorders_(gm).products["activations"])
     return model, gm, quantized, recorded
 
 
@@ -142,7 +142,8 @@ def test_awq_scaling_is_exact_in_float_before_rounding():
     args = (x, torch.tensor([500.0, 120.0]), *(cond[n] for n in names))
     with torch.no_grad():
         before = gm(*args)
-        result, scaled = awq(gm, quantized, recorded, AwqOptions(activation="int8-tensor"))
+        result = awq_(gm, quantized, recorded, AwqOptions(activation="int8-tensor"))
+        scaled = result.products["activations"]
         after = gm(*args)
     before, after = (t[0] if isinstance(t, (tuple, list)) else t for t in (before, after))
     alphas = [v["alpha"] for v in result.details["layers"].values()]

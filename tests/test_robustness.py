@@ -29,7 +29,7 @@ from qdc_export.manifest import MANIFEST, sha256_file
 from qdc_export.quantize.annotate import QuantizationPlan
 from qdc_export.quantize.calibrate import check_observers, observer_layers
 from qdc_export.quantize.graph import build_graph
-from qdc_export.quantize.qdq import insert_observers
+from qdc_export.quantize.qdq import insert_observers_
 
 CALIB = {"steps": 2, "calib_samples": 1, "parity_samples": 1}
 
@@ -68,7 +68,7 @@ def test_inf_activation_is_reported_with_the_layer_it_feeds():
 def test_ranges_that_never_got_data_are_named():
     model = load_model("tiny-unet2d")
     gm, _ = capture(model.unet, model.adapter)
-    observed, _ = insert_observers(gm, QuantizationPlan(float_layers=model.adapter.default_float_layers))
+    observed = insert_observers_(gm, QuantizationPlan(float_layers=model.adapter.default_float_layers))
     names = observer_layers(observed.module)
     assert len(names) == observed.details["observers"]
     assert any(v.endswith("(input)") for v in names.values()) and any(v.endswith("(weight)") for v in names.values())

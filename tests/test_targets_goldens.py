@@ -12,10 +12,10 @@ from onnx import TensorProto as TP
 from polygraphy.json import load_json, save_json
 
 from qdc_export.check.folder import check_against, check_build
-from qdc_export.check.goldens import EngineRunner, backend_runner
 from qdc_export.cli import main
 from qdc_export.config import BuildConfig
 from qdc_export.engines.ort_tensorrt import tensorrt_provider_options
+from qdc_export.engines.runners import EngineRunner, backend_runner
 from qdc_export.engines.tensorrt import TensorRTBuildConfig, tensorrt_available
 from qdc_export.engines.trt_rules import OLDEST_SUPPORTED
 from qdc_export.errors import UserError

@@ -26,7 +26,7 @@ from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.infra.reproducible import save_program
 from qdc_export.infra.staging import check_output, staged_folder
 from qdc_export.infra.timing import StageTimer
-from qdc_export.load.models import io_description, load_for_build
+from qdc_export.load.models import LoadedModel, io_description, load_model
 from qdc_export.manifest import (
     CONDITIONING_FILE,
     MODEL_FILE,
@@ -36,10 +36,11 @@ from qdc_export.manifest import (
     package_versions,
     write_manifest,
 )
-from qdc_export.quantize.cleanup import remove_unused_weights, sink_weight_computations
+from qdc_export.passes import PassLog
+from qdc_export.quantize.cleanup import remove_unused_weights_, sink_weight_computations_
 from qdc_export.quantize.distributed import agree_across_ranks, init_from_env, sharded_calibration
 from qdc_export.quantize.graph import build_graph
-from qdc_export.quantize.half import HALF_DTYPES, to_half
+from qdc_export.quantize.half import HALF_DTYPES, to_half_
 from qdc_export.report.writer import write_report as _write_report
 from qdc_export.sampling import make_scheduler, schedule_timesteps
 
@@ -52,6 +53,17 @@ class BuildResult:
     timings: dict[str, float]
 
 
+def load_for_build(model_arg: str | None, config: BuildConfig,
+                   scheduler_config: Path | str | dict[str, Any] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model with the build's scheduler config (its own, plus the explicit ``scheduler_overrides``), which
+    every stage samples with: calibration, fit, held-out check, parity, report. Also returns the model's own."""
+    model = load_model(model_arg, scheduler_config)
+    own = dict(model.scheduler_config)
+    make_scheduler(config.scheduler, own, config.scheduler_overrides)  # refuses unknown override fields
+    model.scheduler_config = {**own, **config.scheduler_overrides}
+    return model, own
+
+
 def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool = False,
           progress: bool = False, run_check: bool = True, write_report: bool = True,
           scheduler_config: Path | str | dict[str, Any] | None = None) -> BuildResult:
@@ -61,22 +73,20 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
         model, source_scheduler_config = load_for_build(model_arg, config, scheduler_config)
     with staged_folder(out, force) as staging:
         gm, example, info = build_graph(model, config, progress=progress, timer=timer)
+        log = PassLog(info["passes"], timer)
         io = io_description(model)
         compensation: dict[str, Any] = {"method": "none"}
         if config.compensation != "none":
             with timer.stage("fit_compensation"):
                 gm, example, compensation = add_compensation(gm, example, model, config, staging, io)
-            info["passes"].append({"name": "fold_compensation", "modified": compensation["folded"]})
+            log.record("fold_compensation", compensation["folded"])
         input_names = [i["name"] for i in io["inputs"]]
         output_names = [o["name"] for o in io["outputs"]]
-        unused = remove_unused_weights(gm)  # float weights replaced by INT8 constants: not exported, not saved
-        info["passes"].append({"name": "remove_unused_weights", "modified": unused.modified, **unused.details})
-        sunk = sink_weight_computations(gm)  # the reference graph then holds one dequantized weight at a time
-        info["passes"].append({"name": "sink_weight_computations", "modified": sunk.modified, **sunk.details})
+        log.run(remove_unused_weights_, gm)  # float weights replaced by INT8 constants: not exported, not saved
+        log.run(sink_weight_computations_, gm)  # the reference graph then holds one dequantized weight at a time
         half = config.trt_float if config.target == "tensorrt" else None
         if half is not None:  # TensorRT's form: an FP16/BF16 network; reference.pt2 is this same graph
-            halved = to_half(gm, example, input_names, HALF_DTYPES[half])
-            info["passes"].append({"name": "to_half", "modified": halved.modified, **halved.details})
+            log.run(to_half_, gm, example, input_names, HALF_DTYPES[half])
         with timer.stage("export_onnx"):
             export_onnx(gm, example, staging / MODEL_FILE, input_names=input_names, output_names=output_names,
                         int4_weights=config.plan.int4_weights,

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from qdc_export.errors import UserError
-from qdc_export.quantize.plan import PRECISIONS
+from qdc_export.precision import PRECISIONS
 
 EXIT_USER_ERROR = 1
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qdc_export.errors import UserError
-from qdc_export.quantize.plan import PrecisionPlan
+from qdc_export.precision import PrecisionPlan
 
 SCHEDULERS = ("ddim", "ddpm", "euler", "dpmsolver++")
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -67,7 +67,7 @@ class BuildConfig:
     # as the model's pipeline does. Recorded in the manifest; the engine's schedule guard compares against them.
     scheduler_overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    # --precision / --ptq decoded once (quantize.plan); derived, so not part of to_dict()
+    # --precision / --ptq decoded once (qdc_export.precision); derived, so not part of to_dict()
     plan: PrecisionPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -141,7 +141,7 @@ def test_engine_runner_feeds_tensorrt_with_its_metadata(built):
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SnrCompareFunc
 
-    from qdc_export.check.goldens import EngineRunner
+    from qdc_export.engines.runners import EngineRunner
 
     onnx_path, engine_path, _ = built
     feeds = [{"x": np.random.default_rng(7).standard_normal((2, 3, 16, 16)).astype(np.float32)}]

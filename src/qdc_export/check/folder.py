@@ -9,16 +9,17 @@ from typing import Any
 import onnx
 import torch
 
-from qdc_export.check.goldens import backend_runner, compare_against, save_goldens
+from qdc_export.check.goldens import compare_against, save_goldens
 from qdc_export.check.head import check_head
 from qdc_export.check.parity import ParityCase, ParityTolerances, run_parity
 from qdc_export.engines.providers import create_session
+from qdc_export.engines.runners import backend_runner
 from qdc_export.errors import UserError
 from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.load.models import LoadedModel, load_model
 from qdc_export.load.plugins.base import COMP_STATE
 from qdc_export.manifest import read_manifest, verify_artifacts
-from qdc_export.quantize.plan import PrecisionPlan
+from qdc_export.precision import PrecisionPlan
 from qdc_export.sampling import TorchDenoiser, make_scheduler
 
 PARITY_SEED_OFFSET = 50_000

@@ -13,11 +13,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 
-from qdc_export.config import BuildConfig
 from qdc_export.errors import ModelLoadError
 from qdc_export.load.plugins import UNetAdapter, adapter_for
 from qdc_export.load.plugins.base import ENCODER_HIDDEN_STATES, TIME_IDS, TensorSpec
-from qdc_export.sampling import make_scheduler
 
 MODELS_DIR = Path(__file__).resolve().parents[3] / "models"  # the repository's models/ (src/qdc_export/load/models.py)
 TRAINED_PRESETS = ("digits-uncond", "digits-cond")
@@ -284,14 +282,3 @@ def io_description(model: LoadedModel) -> dict[str, Any]:
     out = model.adapter.output_spec(model.unet)
     outputs = [{"name": out.name, "shape": list(out.shape), "dtype": out.dtype}]
     return {"inputs": inputs, "outputs": outputs, "dynamic_axes": {"batch": "axis 0 of every input and output"}}
-
-
-def load_for_build(model_arg: str | None, config: BuildConfig,
-                   scheduler_config: Path | str | dict[str, Any] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model with the build's scheduler config (its own, plus the explicit ``scheduler_overrides``), which
-    every stage samples with: calibration, fit, held-out check, parity, report. Also returns the model's own."""
-    model = load_model(model_arg, scheduler_config)
-    own = dict(model.scheduler_config)
-    make_scheduler(config.scheduler, own, config.scheduler_overrides)  # refuses unknown override fields
-    model.scheduler_config = {**own, **config.scheduler_overrides}
-    return model, own

@@ -87,11 +87,12 @@ def awq_scales(node: torch.fx.Node, w: torch.Tensor, samples: list[torch.Tensor]
     return best[0], best[1], best[2], base_error
 
 
-def awq(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, list[torch.Tensor]],
-        options: AwqOptions) -> tuple[PassResult, dict[str, list[torch.Tensor]]]:
+def awq_(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, list[torch.Tensor]],
+        options: AwqOptions) -> PassResult:
     """Needs: float Conv2d/Linear calls with get_attr weights and recorded inputs per layer.
     Guarantees: per layer, ``x * (1/s)`` on its input and the weight replaced by W * s (both float; the
-    layer's output is unchanged up to float rounding). Returns the inputs as the layer now sees them (x / s)."""
+    layer's output is unchanged up to float rounding). ``products["activations"]``: the inputs as the layer now
+    sees them (x / s)."""
     holder = holder_submodule(gm, HOLDER)
     scaled_inputs = dict(activations)
     per_layer: dict[str, dict[str, Any]] = {}
@@ -128,4 +129,4 @@ def awq(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, 
         graph.lint()
         gm.recompile()
     scaled = sum(1 for v in per_layer.values() if v["alpha"] > 0)
-    return PassResult(gm, scaled > 0, {"awq_layers": scaled, "layers": per_layer}), scaled_inputs
+    return PassResult(gm, scaled > 0, {"awq_layers": scaled, "layers": per_layer}, {"activations": scaled_inputs})

@@ -10,7 +10,7 @@ from qdc_export.passes import PassResult
 _DROPOUT = (torch.ops.aten.dropout.default,)
 
 
-def remove_inference_noops(gm: torch.fx.GraphModule) -> PassResult:
+def remove_inference_noops_(gm: torch.fx.GraphModule) -> PassResult:
     removed = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _DROPOUT:
@@ -25,7 +25,7 @@ def remove_inference_noops(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, bool(removed or dead), {"removed_dropout": removed})
 
 
-def remove_unused_weights(gm: torch.fx.GraphModule) -> PassResult:
+def remove_unused_weights_(gm: torch.fx.GraphModule) -> PassResult:
     """Needs: a GraphModule. Guarantees: every parameter and buffer left is read by the graph.
 
     PT2E's convert (fold_quantize) reads the INT8 weight constants it creates but leaves the float weights
@@ -56,7 +56,7 @@ def remove_unused_weights(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, bool(removed or dead), {"removed_weights": len(removed), "removed_bytes": freed})
 
 
-def sink_weight_computations(gm: torch.fx.GraphModule) -> PassResult:
+def sink_weight_computations_(gm: torch.fx.GraphModule) -> PassResult:
     """Needs: nothing. Guarantees: every computation on constants only (a weight's DequantizeLinear, INT4
     unpacking, reshapes) runs right before its first user, so one layer's dequantized FP32 weight is alive at a
     time. Why: PT2E places weight dequantization at the top of the graph (next to the weights' get_attr), so a

@@ -12,11 +12,12 @@ from qdc_export.capture import capture
 from qdc_export.config import BuildConfig
 from qdc_export.infra.timing import StageTimer
 from qdc_export.load.models import LoadedModel
+from qdc_export.passes import PassLog
 from qdc_export.quantize.annotate import QuantizationPlan
 from qdc_export.quantize.calibrate import run_calibration
-from qdc_export.quantize.cleanup import remove_inference_noops
+from qdc_export.quantize.cleanup import remove_inference_noops_
 from qdc_export.quantize.int4_build import SVDQUANT_FLOAT_GLOB, build_int4_graph, weight_summary
-from qdc_export.quantize.qdq import insert_observers, materialize_qdq
+from qdc_export.quantize.qdq import static_int8_qdq_
 
 
 def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPlan:
@@ -36,27 +37,20 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
     """The in-memory part of the build: the PyTorch graph that is exported, and what the passes did."""
     timer = timer or StageTimer()
     info: dict[str, Any] = {"passes": []}
+    log = PassLog(info["passes"], timer)
     with timer.stage("capture"):
         gm, example = capture(model.unet, model.adapter)
-    result = remove_inference_noops(gm)
-    info["passes"].append({"name": "remove_inference_noops", "modified": result.modified, **result.details})
-    gm = result.module
+    gm = log.run(remove_inference_noops_, gm).module
     if config.plan.int4_weights:
-        gm = build_int4_graph(gm, model, config, quantization_plan(config, model), info, timer, progress)
+        gm = build_int4_graph(gm, model, config, quantization_plan(config, model), info, log, progress)
     elif config.plan.quantized:
-        plan = quantization_plan(config, model)
-        with timer.stage("insert_observers"):
-            observed, _ = insert_observers(gm, plan)
-        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
-                               "observers": observed.details["observers"]})
-        info["quantized_layers"] = observed.details["quantized_layers"]
-        info["float_layers"] = observed.details["float_layers"]
-        with timer.stage("calibrate"):
-            run_calibration(observed.module, model, scheduler_name=config.scheduler, steps=config.steps,
+        def calibrate(module: torch.fx.GraphModule) -> None:
+            run_calibration(module, model, scheduler_name=config.scheduler, steps=config.steps,
                             seed=config.seed, samples=config.calib_samples, progress=progress)
-        with timer.stage("materialize_qdq"):
-            converted = materialize_qdq(observed.module)
-        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
+
+        converted = static_int8_qdq_(gm, quantization_plan(config, model), log, calibrate)
+        info["quantized_layers"] = converted.products["quantized_layers"]
+        info["float_layers"] = converted.products["float_layers"]
         gm = converted.module
     info.update(weight_summary(gm, config.plan, config.target))
     return gm, example, info

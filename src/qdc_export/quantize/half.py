@@ -111,7 +111,7 @@ class _MixedDtypeResolver(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def to_half(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], input_names: list[str],
+def to_half_(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], input_names: list[str],
             dtype: torch.dtype = torch.float16) -> PassResult:
     """Needs: a GraphModule whose placeholders are the engine inputs (``input_names`` in order) and
     whose float tensors are FP32. Guarantees: the float compute in ``dtype`` except the timestep

@@ -103,7 +103,7 @@ def select_layers(gm: torch.fx.GraphModule, float_globs: tuple[str, ...], includ
     return quantized, kept
 
 
-def insert_recorders(gm: torch.fx.GraphModule, layers: Iterable[str], prefix: str = "unet.",
+def insert_recorders_(gm: torch.fx.GraphModule, layers: Iterable[str], prefix: str = "unet.",
                      items: int = 1) -> PassResult:
     """Needs: Conv/Linear calls with get_attr weights. Guarantees: an :class:`InputRecorder` on the input of
     each named layer (remove with :func:`remove_recorders`)."""
@@ -123,8 +123,9 @@ def insert_recorders(gm: torch.fx.GraphModule, layers: Iterable[str], prefix: st
     return PassResult(gm, added > 0, {"recorders": added})
 
 
-def remove_recorders(gm: torch.fx.GraphModule) -> tuple[PassResult, dict[str, list[torch.Tensor]]]:
-    """Removes every recorder; returns what each saw, keyed by layer name (dots restored from the node)."""
+def remove_recorders_(gm: torch.fx.GraphModule) -> PassResult:
+    """Removes every recorder; ``products["activations"]``: what each saw, keyed by layer name (dots restored
+    from the node)."""
     seen: dict[str, list[torch.Tensor]] = {}
     removed = 0
     for node in list(gm.graph.nodes):
@@ -143,7 +144,7 @@ def remove_recorders(gm: torch.fx.GraphModule) -> tuple[PassResult, dict[str, li
             removed += 1
     if removed:
         gm.recompile()
-    return PassResult(gm, removed > 0, {"recorders_removed": removed}), seen
+    return PassResult(gm, removed > 0, {"recorders_removed": removed}, {"activations": seen})
 
 
 def input_rows(node: torch.fx.Node, weight_shape: Sequence[int], samples: list[torch.Tensor],
@@ -216,7 +217,7 @@ def _delete_attr(gm: torch.fx.GraphModule, target: str) -> None:
     delattr(owner, leaf)
 
 
-def quantize_int4(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4Options,
+def quantize_int4_(gm: torch.fx.GraphModule, layers: Iterable[str], options: Int4Options,
                   activations: dict[str, list[torch.Tensor]] | None = None) -> PassResult:
     """Needs: Conv2d/Linear calls whose weight is a float get_attr (INT4 layers named in ``layers``).
     Guarantees: each such weight is replaced by ``dequantize_blockwise`` of INT4 values (int8 storage) and

@@ -1,4 +1,4 @@
-"""The INT4 part of the build (w4a16, w4a8, w4a4; a PTQ recipe, quantize.plan.PTQ_RECIPES), called from build_graph:
+"""The INT4 part of the build (w4a16, w4a8, w4a4; a PTQ recipe, precision.PTQ_RECIPES), called from build_graph:
 
 record layer inputs on calibration trajectories -> [awq | svdquant] -> [w4a8: PT2E INT8 activation observers,
 calibration, Q/DQ] -> INT4 weights (rtn: clip search on the recorded inputs; gptq: GPTQ rounding with the
@@ -6,6 +6,7 @@ Hessian of the recorded inputs, same grid and scales) [+ w4a4 dynamic group INT4
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -13,23 +14,23 @@ import torch
 
 from qdc_export.config import BuildConfig
 from qdc_export.load.models import LoadedModel
+from qdc_export.passes import PassLog
+from qdc_export.precision import ACTIVATION_GROUP, PrecisionPlan
 from qdc_export.quantize.annotate import QuantizationPlan
-from qdc_export.quantize.awq import AwqOptions, awq
+from qdc_export.quantize.awq import AwqOptions, awq_
 from qdc_export.quantize.calibrate import run_calibration
 from qdc_export.quantize.fake_quant import CONV2D, LINEAR
 from qdc_export.quantize.int4 import (
     Int4Options,
     compute_layers,
-    insert_recorders,
-    quantize_int4,
-    remove_recorders,
+    insert_recorders_,
+    quantize_int4_,
+    remove_recorders_,
     select_layers,
-    weight_bytes_by_dtype,
     weight_value,
 )
-from qdc_export.quantize.plan import ACTIVATION_GROUP, PrecisionPlan
-from qdc_export.quantize.qdq import insert_observers, materialize_qdq
-from qdc_export.quantize.svdquant import HOLDER, SvdQuantOptions, svdquant
+from qdc_export.quantize.qdq import static_int8_qdq_
+from qdc_export.quantize.svdquant import SvdQuantOptions, svdquant_
 
 RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip search / SVDQuant
 # AWQ and GPTQ fit more than one number per layer (a scale per input channel; every rounding decision):
@@ -68,7 +69,7 @@ def tensorrt_int4_layers(gm: torch.fx.GraphModule, layers: list[str], block_size
 
 
 def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: BuildConfig, plan: QuantizationPlan,
-                     info: dict[str, Any], timer: Any, progress: bool = False) -> torch.fx.GraphModule:
+                     info: dict[str, Any], log: PassLog, progress: bool = False) -> torch.fx.GraphModule:
     quantized, kept = select_layers(gm, plan.float_layers, plan.include)
     int8_convs: list[str] = []
     if config.target == "tensorrt":
@@ -79,63 +80,37 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     info["quantized_layers"], info["float_layers"] = quantized + int8_convs, kept
     if int8_convs:
         info["int8_layers"] = int8_convs
-    calib = dict(model=model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed, progress=progress)
     precision = config.plan
+
+    def calibrate(module: torch.fx.GraphModule, samples: int = config.calib_samples) -> None:
+        run_calibration(module, model, scheduler_name=config.scheduler, steps=config.steps, seed=config.seed,
+                        progress=progress, samples=samples)
+
     fitted = precision.ptq_transform == "awq" or precision.ptq_rounding == "gptq"
     samples, items = (RECORD_SAMPLES_FITTED, RECORD_ITEMS_FITTED) if fitted else (RECORD_SAMPLES, 1)
-    with timer.stage("record_activations"):
-        rec = insert_recorders(gm, quantized, items=items)
-        run_calibration(gm, **calib, samples=min(samples, config.calib_samples))
-        removed, activations = remove_recorders(gm)
-    info["passes"].append({"name": "record_layer_inputs", "modified": False, "layers": rec.details["recorders"],
-                           "trajectories": min(samples, config.calib_samples), "batch_items_per_call": items})
+    timing = log.timer.stage("record_activations") if log.timer is not None else contextlib.nullcontext()
+    with timing:  # layer inputs on a few calibration trajectories, for clip search, AWQ, SVDQuant and GPTQ
+        recorders = insert_recorders_(gm, quantized, items=items)
+        calibrate(gm, min(samples, config.calib_samples))
+        activations = remove_recorders_(gm).products["activations"]
+    log.record("record_layer_inputs", False, layers=recorders.details["recorders"],
+               trajectories=min(samples, config.calib_samples), batch_items_per_call=items)
     info["ptq"] = precision.ptq
     if precision.ptq_transform == "awq":
         awq_options = AwqOptions(block_size=precision.weight_block_size,
                                  activation="int8-tensor" if precision.activation == "int8-tensor" else "none")
-        with timer.stage("awq"):
-            result, activations = awq(gm, quantized, activations, awq_options)
-        info["passes"].append({"name": "awq", "modified": result.modified, **result.details})
+        activations = log.run(awq_, gm, quantized, activations, awq_options, stage="awq").products["activations"]
     if precision.ptq_transform == "svdquant":
         options = SvdQuantOptions(rank=precision.svdquant_rank, block_size=precision.weight_block_size,
                                   activation="none" if precision.activation == "float" else precision.activation,
                                   activation_group=ACTIVATION_GROUP)
-        with timer.stage("svdquant"):
-            result, activations = svdquant(gm, quantized, activations, options)
-        info["passes"].append({"name": "svdquant", "modified": result.modified, **result.details})
-    def int8_qdq(gm: torch.fx.GraphModule, int8_plan: Any, **record: str) -> torch.fx.GraphModule:
-        """INT8 Q/DQ through PT2E for the layers ``int8_plan`` quantizes: observe, calibrate, materialize."""
-        with timer.stage("insert_observers"):
-            observed, _ = insert_observers(gm, int8_plan)
-        info["passes"].append({"name": "insert_observers", "modified": observed.modified,
-                               "observers": observed.details["observers"], **record})
-        with timer.stage("calibrate"):
-            run_calibration(observed.module, **calib, samples=config.calib_samples)
-        with timer.stage("materialize_qdq"):
-            converted = materialize_qdq(observed.module)
-        info["passes"].append({"name": "materialize_qdq", "modified": converted.modified, **converted.details})
-        return converted.module
-
+        activations = log.run(svdquant_, gm, quantized, activations, options, stage="svdquant").products["activations"]
     if plan.activation_bits:  # w4a8: INT8 per-tensor activations through PT2E (weights left to the INT4 pass)
-        gm = int8_qdq(gm, plan)
+        gm = static_int8_qdq_(gm, plan, log, calibrate).module
     if int8_convs:  # TensorRT W4A16: the convolutions as W8A8 (INT8 Q/DQ through PT2E), nothing else
         others = tuple(name for name, _ in compute_layers(gm) if name not in int8_convs)
         conv_plan = dataclasses.replace(plan, weight_bits=8, activation_bits=8, float_layers=others, include=())
-        gm = int8_qdq(gm, conv_plan, layers="int8 convolutions")
+        gm = static_int8_qdq_(gm, conv_plan, log, calibrate, layers="int8 convolutions").module
     options4 = Int4Options(block_size=precision.weight_block_size, rounding=precision.ptq_rounding,
                            activation_group=precision.activation_group)
-    with timer.stage("quantize_int4"):
-        result = quantize_int4(gm, quantized, options4, activations)
-    info["passes"].append({"name": "quantize_int4", "modified": result.modified, **result.details})
-    return result.module
-
-
-def weight_summary(gm: torch.nn.Module, plan: PrecisionPlan, target: str = "onnxruntime") -> dict[str, Any]:
-    deployable, note = deployability(plan, target)
-    out: dict[str, Any] = {"weight_bytes_by_dtype": weight_bytes_by_dtype(gm), "deployable_on": deployable}
-    if note:
-        out["deployability_note"] = note
-    return out
-
-
-SVDQUANT_FLOAT_GLOB = HOLDER
+    return log.run(quantize_int4_, gm, quantized, options4, activations, stage="quantize_int4").module

@@ -135,11 +135,12 @@ def _replace_attr(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) ->
         owner.register_buffer(leaf, value)
 
 
-def svdquant(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, list[torch.Tensor]],
-             options: SvdQuantOptions) -> tuple[PassResult, dict[str, list[torch.Tensor]]]:
+def svdquant_(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[str, list[torch.Tensor]],
+             options: SvdQuantOptions) -> PassResult:
     """Needs: float Conv2d/Linear calls with get_attr weights and recorded inputs per layer.
     Guarantees: per layer, smoothing Mul on its input, the weight replaced by the float residual R and a
-    low-rank float branch added to its output. Returns the inputs as the layer now sees them (X')."""
+    low-rank float branch added to its output. ``products["activations"]``: the inputs as the layer now sees them
+    (X')."""
     holder = holder_submodule(gm, HOLDER)
     smoothed_inputs = dict(activations)
     per_layer: dict[str, dict[str, Any]] = {}
@@ -198,4 +199,5 @@ def svdquant(gm: torch.fx.GraphModule, layers: Iterable[str], activations: dict[
     if per_layer:
         graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(per_layer), {"svdquant_layers": len(per_layer), "layers": per_layer}), smoothed_inputs
+    return PassResult(gm, bool(per_layer), {"svdquant_layers": len(per_layer), "layers": per_layer},
+                      {"activations": smoothed_inputs})

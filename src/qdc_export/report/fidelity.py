@@ -32,8 +32,8 @@ from qdc_export.export.to_onnx import export_onnx
 from qdc_export.infra.provenance import source_hash
 from qdc_export.load.models import LoadedModel, io_description, load_model
 from qdc_export.metrics import psnr, relative_latent_error, ssim
+from qdc_export.precision import PrecisionPlan
 from qdc_export.quantize.graph import build_graph
-from qdc_export.quantize.plan import PrecisionPlan
 from qdc_export.sampling import (
     Denoiser,
     TorchDenoiser,
