@@ -92,7 +92,7 @@ def step_w8a8_engine(work: Path) -> dict[str, Any]:
     if (reason := _trt_reason()) is not None:
         return {"status": "skipped", "reason": reason}
     from qdc_export.engines.providers import create_session
-    from qdc_export.engines.tensorrt import TensorRTEngine
+    from qdc_export.engines.tensorrt_runtime import TensorRTEngine
 
     folder = _build_w8a8(work)
     cpu = create_session(folder / "model.onnx", provider="cpu")

@@ -61,5 +61,5 @@ for package in ("tensorrt", "tensorrt_bindings"):
 PY
 
 MYPYPATH="$stubs_dir" python -m mypy --config-file mypy.ini \
-  src/qdc_export/engines/tensorrt.py src/qdc_export/engines/trt_rules.py src/qdc_export/engines/onnx_graph.py \
+  src/qdc_export/engines/tensorrt.py src/qdc_export/engines/tensorrt_runtime.py src/qdc_export/engines/trt_rules.py src/qdc_export/engines/onnx_graph.py \
   src/qdc_export/engines/ort_tensorrt.py

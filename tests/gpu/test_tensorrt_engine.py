@@ -18,11 +18,11 @@ from onnx import numpy_helper as nh
 
 from qdc_export.engines.tensorrt import (
     TensorRTBuildConfig,
-    TensorRTEngine,
     build_engine,
     profiles_from_build_options,
     tensorrt_available,
 )
+from qdc_export.engines.tensorrt_runtime import TensorRTEngine
 from qdc_export.engines.trt_rules import check_tensorrt_compatibility
 from qdc_export.errors import UserError
 

@@ -17,7 +17,7 @@ from qdc_export.errors import UserError
 
 class EngineRunner(BaseRunner):
     """A Polygraphy runner over an engine object with ``input_metadata() -> {name: (numpy dtype, shape)}``
-    (-1 for dynamic dims) and ``infer(feeds) -> dict``: :class:`qdc_export.engines.tensorrt.TensorRTEngine`
+    (-1 for dynamic dims) and ``infer(feeds) -> dict``: :class:`qdc_export.engines.tensorrt_runtime.TensorRTEngine`
     on a GPU, :class:`OrtEngine` anywhere. The Comparator checks feeds against the metadata, so it must be
     the engine's own; the runner times each inference for Polygraphy's ``inference_time``."""
 
@@ -71,7 +71,8 @@ def backend_runner(folder: Path, backend: str, provider: str) -> BaseRunner:
 
         session = create_session(folder / "model.onnx", provider=provider)
         return EngineRunner(OrtEngine(session), name=f"onnxruntime-{provider}")
-    from qdc_export.engines.tensorrt import TensorRTEngine, tensorrt_available
+    from qdc_export.engines.tensorrt import tensorrt_available
+    from qdc_export.engines.tensorrt_runtime import TensorRTEngine
 
     available, reason = tensorrt_available()
     if not available:
