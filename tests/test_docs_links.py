@@ -20,10 +20,7 @@ TEXT_SUFFIXES = {".py", ".md", ".sh", ".json", ".toml", ".txt"}
 
 # Documents cited before they exist. Each entry says who adds it; remove the entry in the change that adds it
 # (test_allow_list_is_not_stale fails once the file exists).
-ALLOWED_MISSING = {
-    # The lead adds docs/architecture.md (issue #15, "Done means") in the same change as the stage packages.
-    "architecture.md",
-}
+ALLOWED_MISSING: set[str] = set()
 
 # ``docs/...`` paths of other projects, named with the project in front of them (onnx-tensorrt's operator
 # support matrix and changelog, cited by engines/trt_rules.py as rule sources).
