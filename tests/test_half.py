@@ -1,4 +1,4 @@
-"""passes/half.py against an independent FP16 computation: diffusers' own UNet in half precision (which keeps
+"""quantize/half.py against an independent FP16 computation: diffusers' own UNet in half precision (which keeps
 the timestep sinusoid in FP32 and casts it to the model dtype, as the pass does)."""
 
 import copy

@@ -32,7 +32,7 @@ BUILDS = [  # (model, precision, overrides): each INT4 form once; tiny-sd is the
     ("tiny-sd", "w4a8", {}),
     ("tiny-unet2d", "w4a4", {}),
     # random weights, 4-bit activations: its per-step agreement is at the graph's own 1-ulp noise floor (1 torch
-    # thread: 14.7 dB at step 0 for ONNX Runtime and for PyTorch against itself), judged by check.py against it
+    # thread: 14.7 dB at step 0 for ONNX Runtime and for PyTorch against itself), judged by check/parity.py against it
     ("tiny-unet2d", "w4a4", {"ptq": "svdquant"}),
     ("digits-uncond", "w4a4", {"ptq": "svdquant"}),  # trained: 36.8 / 38.6 dB at 1 / 2 threads
 ]

@@ -52,7 +52,7 @@ class BuildConfig:
     comp_fit_bias: bool = True
     comp_target: str = "same-input"
     comp_ridge: float = 1e-3
-    # Held-out check: tables that lower the mean PSNR on unseen seeds are not folded (compensate.py says why).
+    # Held-out check: tables that lower the mean PSNR on unseen seeds are not folded (compensation/stage.py says why).
     comp_validate: bool = True
     target: str = "onnxruntime"
     trt_batch_range: tuple[int, int, int] = (1, 2, 8)

@@ -1,6 +1,6 @@
 """Parity of the engine's folded compensation head against the build's tables, elementwise.
 
-The head (passes/fold_compensation.py)
+The head (compensation/fold.py)
 
     noise_pred = scale[r] * eps~ - prev[r] * comp_state - bias[r],   comp_state_out = eps~,   r = row(timestep)
 

@@ -16,7 +16,7 @@ SNR (cosine) is at least ``min(absolute threshold, floor - noise_floor_margin_db
 PSNR gap is at most ``trajectory_psnr_margin_db`` plus the largest gap the noisy reference showed. Where the
 graph is well-conditioned the floor is far above the absolute thresholds, which then decide alone. A broken
 engine (a wrong scale, a negated channel) changes every call by far more than a rounding flip and fails; the
-compensation head, exact arithmetic, is checked elementwise (head_parity.py). docs/parity.md has the measurements
+compensation head, exact arithmetic, is checked elementwise (check/head.py). docs/parity.md has the measurements
 behind ``noise_ulps``; tests/test_parity_power.py shows the power."""
 
 from __future__ import annotations

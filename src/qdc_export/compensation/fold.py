@@ -19,7 +19,7 @@ from qdc_export.passes import PassResult, require
 
 _TIMESTEP_INPUT = 1  # engine inputs: sample, timestep, conditioning...
 # The head module's attribute name below: its tables become initializers named "head.scale", "head.bias", ...,
-# which is how the check finds the head in an exported engine (head_parity.py).
+# which is how the check finds the head in an exported engine (check/head.py).
 HEAD_PREFIX = "head."
 
 

@@ -16,7 +16,7 @@ takes and returns torch tensors, and owns the compensation state:
   mismatch (one-line :class:`ScheduleMismatchError`);
 * the state is kept per batch row: row i of ``comp_state`` is row i's previous raw output. Classifier-free
   guidance batches [uncond; cond] in the same order at every step, so each branch carries its own state,
-  which is what the build's fit and parity check run (compensate.py).
+  which is what the build's fit and parity check run (compensation/stage.py).
 
 ``allow_schedule_mismatch=True`` runs a mismatched schedule without compensation instead of refusing: the raw
 model output is ``comp_state_out`` for stateful builds, and for stateless ones the folded affine head is
