@@ -114,3 +114,14 @@ def build_int4_graph(gm: torch.fx.GraphModule, model: LoadedModel, config: Build
     options4 = Int4Options(block_size=precision.weight_block_size, rounding=precision.ptq_rounding,
                            activation_group=precision.activation_group)
     return log.run(quantize_int4_, gm, quantized, options4, activations, stage="quantize_int4").module
+
+
+def weight_summary(gm: torch.nn.Module, plan: PrecisionPlan, target: str = "onnxruntime") -> dict[str, Any]:
+    deployable, note = deployability(plan, target)
+    out: dict[str, Any] = {"weight_bytes_by_dtype": weight_bytes_by_dtype(gm), "deployable_on": deployable}
+    if note:
+        out["deployability_note"] = note
+    return out
+
+
+SVDQUANT_FLOAT_GLOB = HOLDER  # SVDQuant's low-rank branch and smoothing factors stay float
