@@ -27,10 +27,11 @@ from qdc_export.quantize.int4 import (
     quantize_int4_,
     remove_recorders_,
     select_layers,
+    weight_bytes_by_dtype,
     weight_value,
 )
 from qdc_export.quantize.qdq import static_int8_qdq_
-from qdc_export.quantize.svdquant import SvdQuantOptions, svdquant_
+from qdc_export.quantize.svdquant import HOLDER, SvdQuantOptions, svdquant_
 
 RECORD_SAMPLES = 2  # calibration trajectories whose layer inputs feed clip search / SVDQuant
 # AWQ and GPTQ fit more than one number per layer (a scale per input channel; every rounding decision):
