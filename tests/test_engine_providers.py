@@ -137,14 +137,14 @@ def test_missing_model_path_is_user_error(tmp_path):
 # ------------------------------------------------------------------ TensorRT module, pure parts
 # (qdc_export.engines.tensorrt imports without TensorRT; its build/run paths are in tests/gpu.)
 
-from qdc_export.engines.tensorrt import (
+from qdc_export.engines.tensorrt import (  # noqa: E402
     TensorRTBuildConfig,
-    TensorRTEngine,
     build_engine,
     profiles_from_build_options,
     tensorrt_available,
 )
-from qdc_export.errors import TensorRTCompatibilityError
+from qdc_export.engines.tensorrt_runtime import TensorRTEngine  # noqa: E402
+from qdc_export.errors import TensorRTCompatibilityError  # noqa: E402
 
 
 def test_profiles_from_build_options_expands_symbols():
