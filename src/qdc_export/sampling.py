@@ -1,6 +1,11 @@
 """The sampler episode: drives any denoiser (eager PyTorch, a captured graph, an ONNX Runtime session,
 a TensorRT engine) step by step through a diffusers scheduler, with classifier-free guidance.
 
+:class:`Episode` holds one episode's setup (the scheduler set to N steps, the starting noise from the seeds, the
+conditioning), :func:`run_episode` runs it with optional hooks before and after each model call. Every stage
+samples through them: calibration, the compensation fit (two episodes in lock-step), the held-out check, parity,
+the report and ``qdc-export sample``.
+
 Notation (docs/method.md): steps n = N..1 in scheduler order; ``latents[k]`` is x_n before step k
 (``latents[0]`` = x_N, the shared starting noise; ``latents[-1]`` = x_0, the final latent);
 ``outputs[k]`` is the guided model output eps_n that entered the scheduler at step k."""
@@ -159,7 +164,8 @@ class Episode:
         return self.start.shape[0] * (2 if self.uncond is not None else 1)
 
     def model_input(self, x: torch.Tensor, t: Any) -> torch.Tensor:
-        return self.scheduler.scale_model_input(x, t)
+        scaled: torch.Tensor = self.scheduler.scale_model_input(x, t)
+        return scaled
 
     def output(self, denoiser: Denoiser, model_in: torch.Tensor, t: Any) -> torch.Tensor:
         """The (guided) output eps_n that enters the scheduler at timestep value ``t``."""
