@@ -144,7 +144,8 @@ def head_only_ms(engine_dir: Path, batch: int, runs: int, threads: int, tmp: Pat
     sample = torch.randn(2, tables.channels, 32, 32)
     example = (sample, torch.full((2,), float(tables.timesteps[0])))
     gm = torch.export.export(_Passthrough(), example, strict=False).module()
-    folded, example = fold_compensation(gm, tables, example)
+    folded = fold_compensation(gm, tables, example)
+    example = folded.products["example"]
     names = ["sample", "timestep"] + (["comp_state"] if tables.uses_state else [])
     outs = ["noise_pred"] + (["comp_state_out"] if tables.uses_state else [])
     path = tmp / f"head-{engine_dir.name}.onnx"

@@ -54,7 +54,7 @@ def test_validation_accepts_tables_that_restore_fp_and_rejects_tables_that_hurt(
     broken = ScaledOutput(gm, 1.25)
     verdicts = {}
     for scale in (0.8, 0.5):
-        folded, _ = fold_compensation(broken, _tables(model, scale), example)
+        folded = fold_compensation(broken, _tables(model, scale), example)
         assert folded.modified
         verdicts[scale] = validate_compensation(broken, folded.module, False, model, CONFIG)
     good, bad = verdicts[0.8], verdicts[0.5]

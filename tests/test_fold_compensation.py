@@ -35,14 +35,16 @@ def captured():
 
 def test_identity_tables_leave_the_graph_alone(captured):
     _, gm, example = captured
-    result, new_example = fold_compensation(gm, CompensationTables.identity(TIMESTEPS, 3), example)
+    result = fold_compensation(gm, CompensationTables.identity(TIMESTEPS, 3), example)
+    new_example = result.products["example"]
     assert result.modified is False and result.module is gm and len(new_example) == len(example)
 
 
 def test_folded_graph_applies_the_row_of_each_timestep(captured):
     model, gm, example = captured
     tables = _tables(3)
-    result, new_example = fold_compensation(gm, tables, example)
+    result = fold_compensation(gm, tables, example)
+    new_example = result.products["example"]
     assert result.modified and len(new_example) == len(example)
     sample = example[0]
     for t, row in [(900.0, 0), (300.0, 2), (0.0, 3), (450.0, 4)]:  # 450 is no schedule step: identity row
@@ -59,7 +61,8 @@ def test_folded_graph_applies_the_row_of_each_timestep(captured):
 def test_mixed_timesteps_in_one_batch_and_state(captured):
     _, gm, example = captured
     tables = _tables(3, prev=0.1)
-    result, new_example = fold_compensation(gm, tables, example)
+    result = fold_compensation(gm, tables, example)
+    new_example = result.products["example"]
     assert len(new_example) == len(example) + 1 and result.details["stateful"]
     sample = torch.cat([example[0], example[0]])
     tvec = torch.tensor([900.0, 600.0, 900.0, 600.0])  # classifier-free guidance doubles the batch

@@ -10,14 +10,12 @@ from itertools import combinations
 import pytest
 from click.testing import CliRunner
 
-from qdc_export.check import parity as check
+from qdc_export import sampling
 from qdc_export.check.folder import PARITY_SEED_OFFSET
 from qdc_export.cli import main
-from qdc_export.compensation import stage as compensate
 from qdc_export.compensation.stage import fit_seeds, held_out_seeds
 from qdc_export.config import MAX_CALIB_SAMPLES, MAX_PARITY_SAMPLES, BuildConfig
 from qdc_export.errors import UserError
-from qdc_export.quantize import calibrate
 from qdc_export.quantize.calibrate import calibration_seeds
 from qdc_export.report.fidelity import MAX_EVALUATION_IMAGES, evaluation_seeds
 
@@ -73,21 +71,17 @@ def test_a_build_draws_each_stage_from_its_own_seed_set(monkeypatch, build_facto
     """Every starting noise of a tiny TCEC build (held-out check on) is recorded with the function that asked for
     it; each stage must use exactly its set."""
     used: dict[str, set[int]] = {}
+    real = sampling.initial_latents  # every sampler episode draws its starting noise here (Episode.from_seeds)
+    stages = {"run_calibration": "calibration", "fit_compensation": "fit", "validate_compensation": "held-out",
+              "run_parity": "parity"}
 
-    def recording(module):
-        real = module.initial_latents
+    def initial_latents(shape, seeds):
+        callers = [frame.function for frame in inspect.stack()[1:8]]  # helpers nested in a stage count as it
+        stage = next((stages[c] for c in callers if c in stages), callers[0])
+        used.setdefault(stage, set()).update(seeds)
+        return real(shape, seeds)
 
-        def initial_latents(shape, seeds):
-            stages = {"run_calibration": "calibration", "fit_compensation": "fit", "validate_compensation": "held-out"}
-            callers = [frame.function for frame in inspect.stack()[1:8]]  # helpers nested in a stage count as it
-            stage = next((stages[c] for c in callers if c in stages), "parity" if module is check else callers[0])
-            used.setdefault(stage, set()).update(seeds)
-            return real(shape, seeds)
-
-        monkeypatch.setattr(module, "initial_latents", initial_latents)
-
-    for module in (calibrate, compensate, check):
-        recording(module)
+    monkeypatch.setattr(sampling, "initial_latents", initial_latents)
     overrides = dict(compensation="tcec", comp_validate=True, calib_samples=3, parity_samples=2, steps=2, seed=1)
     result = build_factory("tiny-unet2d", "w8a8", **overrides)
     config = BuildConfig.from_dict(result.manifest["build"])

@@ -26,6 +26,9 @@ TRT_FLOAT_TYPES = ("fp16", "bf16")
 # onnxruntime forms and their manifests stay exactly what they were before these options existed.
 TRT_CONV_MODES = ("int8", "float")  # convolutions of a TensorRT W4A16 build (INT4 runs only in GEMMs there)
 TRT_ONLY_KEYS = ("trt_float", "trt_version", "trt_conv")
+# Fields that older manifests carry and no code ever read (guidance comes from the model's own conditioning):
+# from_dict drops them so those manifests still load.
+RETIRED_KEYS = ("guidance_scale", "extra")
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
@@ -43,7 +46,6 @@ class BuildConfig:
     quantize_attention: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    guidance_scale: float | None = None
     # None: tcec for quantized precisions (with the held-out check below), none for fp32
     compensation: str | None = None
     tcec_variant: str = "m0"
@@ -66,7 +68,6 @@ class BuildConfig:
     # Explicit changes to the model's own scheduler config (e.g. {"clip_sample": false}); empty = sample exactly
     # as the model's pipeline does. Recorded in the manifest; the engine's schedule guard compares against them.
     scheduler_overrides: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
     # --precision / --ptq decoded once (qdc_export.precision); derived, so not part of to_dict()
     plan: PrecisionPlan = field(init=False, repr=False, compare=False)
 
@@ -125,6 +126,7 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        data = {k: v for k, v in data.items() if k not in RETIRED_KEYS}
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:

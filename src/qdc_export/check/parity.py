@@ -39,14 +39,7 @@ from qdc_export.engines.onnxruntime import OrtDenoiser
 from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
 from qdc_export.metrics import error_stats, psnr
-from qdc_export.sampling import (
-    Denoiser,
-    TorchDenoiser,
-    Trajectory,
-    initial_latents,
-    latents_to_images,
-    run_sampler,
-)
+from qdc_export.sampling import Denoiser, Episode, TorchDenoiser, Trajectory, latents_to_images, run_episode
 
 REFERENCE_RUNNER = "pytorch"
 
@@ -128,10 +121,8 @@ class ParityRun:
 
 
 def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Trajectory:
-    cond, uncond = case.conditioning.for_samples(seeds)
-    latents = initial_latents(case.latent_shape, seeds)
-    return run_sampler(denoiser, case.scheduler, case.steps, latents, cond, uncond,
-                       case.conditioning.guidance_scale)
+    episode = Episode.from_seeds(case.scheduler, case.steps, case.conditioning, case.latent_shape, seeds)
+    return run_episode(denoiser, episode)
 
 
 def _quantizer_ops() -> set[Any]:

@@ -2,8 +2,9 @@
 
 coefficients: each supported sampler's update as x_{n-1} = A x_n + B out_n (+ multistep terms), by step row.
 cumulative:   first-order (J ~ 0) propagation of per-step output errors to the latent, and its closed form.
-tables:       CompensationTables (by step row, reached through the timestep value) and CompensationHead, the
-              runtime reference  eps_hat = scale[r] eps_q - prev[r] state - bias[r],  state' = raw eps_q.
+tables:       CompensationTables (by step row, reached through the timestep value) with apply / undo / is_identity,
+              and CompensationHead, the runtime reference  eps_hat = scale[r] eps_q - prev[r] state - bias[r],
+              state' = raw eps_q; the formula is written once (compensation_formula) for the head, fold and fit.
 fit:          closed-form ridge fits (ptqd, tac, tcec-m0, tcec-m1-analytic, tcec-m1-fitted) from FP/quantized runs.
 """
 

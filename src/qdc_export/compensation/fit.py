@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +63,9 @@ import numpy as np
 import torch
 
 from qdc_export.compensation.coefficients import SamplerCoefficients, sampler_coefficients
-from qdc_export.compensation.tables import METHODS, CompensationTables
+from qdc_export.compensation.tables import METHODS, CompensationTables, apply_row
 from qdc_export.errors import UserError
+from qdc_export.sampling import Episode, seeded_step_kwargs
 
 __all__ = ["FitOptions", "PairedTrajectories", "fit_from_pairs", "fit_tables", "ridge_fit"]
 
@@ -155,15 +155,8 @@ def _rms(u: torch.Tensor) -> float:
 
 
 def _bc(row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[C] float32 table row -> [1, C, 1, ...] in ``like``'s dtype (the runtime head's broadcast)."""
+    """[C] row -> [1, C, 1, ...] in ``like``'s dtype (the runtime head's broadcast)."""
     return row.reshape((1, -1) + (1,) * (like.dim() - 2)).to(like.dtype)
-
-
-def _apply_row(
-    scale: torch.Tensor, prev: torch.Tensor, bias: torch.Tensor, a: torch.Tensor, p: torch.Tensor
-) -> torch.Tensor:
-    # Same expression and op order as tables.compensate.
-    return _bc(scale, a) * a - _bc(prev, a) * p.to(a.dtype) - _bc(bias, a)
 
 
 class _RowFitter:
@@ -247,7 +240,7 @@ def _output_gain(sched: Any, x: torch.Tensor, eps: torch.Tensor, t: Any, seed: i
 
     def step(out: torch.Tensor) -> torch.Tensor:
         probe = copy.deepcopy(sched)  # step may advance a scheduler's internal counters
-        prev: torch.Tensor = probe.step(out, t, x64, **_step_kwargs(probe, seed, x.device)).prev_sample
+        prev: torch.Tensor = probe.step(out, t, x64, **seeded_step_kwargs(probe, seed, x.device)).prev_sample
         return prev.to(torch.float64)
 
     gain = (step(eps64 + h) - step(eps64)) / h
@@ -255,18 +248,6 @@ def _output_gain(sched: Any, x: torch.Tensor, eps: torch.Tensor, t: Any, seed: i
 
 
 # ---- trajectories ------------------------------------------------------------------------------------------------
-def _step_kwargs(sched: Any, seed: int, device: torch.device) -> dict[str, Any]:
-    if "generator" in inspect.signature(sched.step).parameters:
-        return {"generator": torch.Generator(device=device).manual_seed(seed)}
-    return {}
-
-
-def _call(denoiser: Denoiser, sched: Any, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-    xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-    out: torch.Tensor = denoiser(xin, t, **cond)
-    return out
-
-
 def fit_tables(
     method: str,
     quant_denoiser: Denoiser,
@@ -274,24 +255,20 @@ def fit_tables(
     scheduler: Any,
     num_steps: int,
     latents: torch.Tensor,
-    conditioning_kwargs: dict[str, Any] | None = None,
     *,
     options: FitOptions | None = None,
     seed: int = 0,
-    scale_initial_noise: bool = True,
-    set_timesteps_kwargs: dict[str, Any] | None = None,
     return_trajectories: bool = False,
     **option_kwargs: Any,
 ) -> CompensationTables | tuple[CompensationTables, PairedTrajectories]:
-    """Run the FP and the quantized(+compensation so far) sampler loops from the same ``latents`` and fit tables.
+    """Run the FP and the quantized(+compensation so far) sampler episodes from the same ``latents`` and fit tables.
 
-    ``quant_denoiser(x, t, **cond)`` and ``fp_denoiser(x, t, **cond)`` return the model output that enters the
-    sampler (with classifier-free guidance already applied by the caller). ``x`` is what
+    ``quant_denoiser(x, t)`` and ``fp_denoiser(x, t)`` return the model output that enters the sampler (with
+    classifier-free guidance already applied by the caller: :meth:`Episode.output`). ``x`` is what
     ``scheduler.scale_model_input`` gives (the model input), ``t`` the scheduler's timestep value. ``latents`` is
-    the initial noise; it is multiplied by ``init_noise_sigma`` like diffusers pipelines do unless
-    ``scale_initial_noise=False``. Stochastic steps (DDPM) get identically seeded generators in both loops.
-    Options: ``options=FitOptions(...)`` or the same names as keywords (ridge, fit_bias, target, g, sequential,
-    tac_beta, tac_delta).
+    the initial unit noise (the episodes scale it by ``init_noise_sigma``). Stochastic steps (DDPM) get identically
+    seeded generators in both episodes. Options: ``options=FitOptions(...)`` or the same names as keywords (ridge,
+    fit_bias, target, g, sequential, tac_beta, tac_delta).
     """
     if method not in METHODS:
         raise UserError(f"compensation method {method!r} is not one of {', '.join(METHODS)}")
@@ -301,18 +278,12 @@ def fit_tables(
         opts = options or FitOptions(**option_kwargs)
     except TypeError as exc:
         raise UserError(f"bad fit option: {exc}") from None
-    cond = dict(conditioning_kwargs or {})
-    st_kwargs = dict(set_timesteps_kwargs or {})
     linear, linearized = _linearized(scheduler)
-    coeffs = sampler_coefficients(linear, num_steps, **st_kwargs)
+    coeffs = sampler_coefficients(linear, num_steps)
     sequential = opts.resolved_sequential(method)
 
-    s_fp, s_q = copy.deepcopy(scheduler), copy.deepcopy(scheduler)
-    s_fp.set_timesteps(num_steps, device=latents.device, **st_kwargs)
-    s_q.set_timesteps(num_steps, device=latents.device, **st_kwargs)
-    kw_fp, kw_q = _step_kwargs(s_fp, seed, latents.device), _step_kwargs(s_q, seed, latents.device)
-    x0 = latents * s_fp.init_noise_sigma if scale_initial_noise else latents
-    x_fp, x_q = x0.clone(), x0.clone()
+    fp_run, q_run = (Episode(scheduler, num_steps, latents, step_seed=seed) for _ in range(2))
+    x_fp, x_q = fp_run.start.clone(), q_run.start.clone()
     c = latents.shape[1]
     fitter = _RowFitter(method, coeffs, opts, c)
     rows_s, rows_p, rows_b = [], [], []
@@ -321,17 +292,17 @@ def fit_tables(
     p = torch.zeros_like(latents)
 
     with torch.no_grad():
-        for i, t in enumerate(s_q.timesteps):
+        for i, t in enumerate(q_run.timesteps):
             lat_err.append(_rms(x_q - x_fp) / max(_rms(x_fp), 1e-30))
-            eps_fp_traj = _call(fp_denoiser, s_fp, x_fp, t, cond)
-            eps_fp_same = _call(fp_denoiser, s_q, x_q, t, cond)
-            a = _call(quant_denoiser, s_q, x_q, t, cond)
+            eps_fp_traj = fp_denoiser(fp_run.model_input(x_fp, t), t)
+            eps_fp_same = fp_denoiser(q_run.model_input(x_q, t), t)
+            a = quant_denoiser(q_run.model_input(x_q, t), t)
             if a.shape != x_q.shape or a.shape[1] != c:
                 raise UserError(f"quant_denoiser returned shape {tuple(a.shape)}, expected {tuple(x_q.shape)}")
             y = fitter.target(i, eps_fp_same, x_q, x_fp)
-            active = _output_gain(s_q, x_q, eps_fp_same, t, seed)
+            active = _output_gain(q_run.scheduler, x_q, eps_fp_same, t, seed)
             sc, pv, bs = (v.to(torch.float32) for v in fitter.fit(i, a, p, y, active))
-            eps_hat = _apply_row(sc, pv, bs, a, p)
+            eps_hat = apply_row(sc, pv, bs, a, p)
             rms_y = max(_rms(y), 1e-30)
             res_before.append(_rms(a.to(torch.float64) - y) / rms_y)
             res_after.append(_rms(eps_hat.to(torch.float64) - y) / rms_y)
@@ -342,8 +313,8 @@ def fit_tables(
                 pairs.eps_fp.append(eps_fp_same)
                 pairs.eps_q.append(a)
                 pairs.eps_hat.append(eps_hat)
-            x_fp = s_fp.step(eps_fp_traj, t, x_fp, **kw_fp).prev_sample
-            x_q = s_q.step(eps_hat if sequential else a, t, x_q, **kw_q).prev_sample
+            x_fp = fp_run.step(eps_fp_traj, t, x_fp)
+            x_q = q_run.step(eps_hat if sequential else a, t, x_q)
             p = a
             if pairs is not None:
                 pairs.x_fp.append(x_fp)
@@ -388,7 +359,7 @@ def fit_from_pairs(
         a = pairs.eps_q[i]
         y = fitter.target(i, pairs.eps_fp[i], pairs.x_q[i], pairs.x_fp[i])
         sc, pv, bs = (v.to(torch.float32) for v in fitter.fit(i, a, p, y))
-        eps_hat = _apply_row(sc, pv, bs, a, p)
+        eps_hat = apply_row(sc, pv, bs, a, p)
         rms_y = max(_rms(y), 1e-30)
         before.append(_rms(a.to(torch.float64) - y) / rms_y)
         after.append(_rms(eps_hat.to(torch.float64) - y) / rms_y)

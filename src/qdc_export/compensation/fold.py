@@ -7,7 +7,8 @@ Gather(table, row(timestep)) -> Mul/Sub, so the PyTorch reference and the ONNX m
 Tables are indexed by step row; rows are reached through the timestep *value* (what diffusers feeds).
 When the tables use state (m=1 variants) the graph gains the input ``comp_state`` (last) and the output
 ``comp_state_out``; otherwise its interface is unchanged. The head is inlined by re-capturing the
-composition with torch.export, so the result is one flat graph (no submodule calls)."""
+composition with torch.export, so the result is one flat graph (no submodule calls). The formula itself is
+:func:`qdc_export.compensation.tables.compensate_rows`, the same code the tables' own head runs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.fx
 
 from qdc_export.compensation import CompensationTables
+from qdc_export.compensation.tables import compensate_rows
 from qdc_export.passes import PassResult, require
 
 _TIMESTEP_INPUT = 1  # engine inputs: sample, timestep, conditioning...
@@ -39,30 +41,23 @@ class _Compensated(torch.nn.Module):
         if self.stateful:
             return self.head(eps_q, timestep, state)
         # Stateless tables (prev == 0): skip the state term rather than multiply a zero tensor.
-        rows = self.head.rows(timestep)
-        view = (rows.shape[0], eps_q.shape[1]) + (1,) * (eps_q.dim() - 2)
-        scale = self.head.scale.index_select(0, rows).reshape(view)
-        bias = self.head.bias.index_select(0, rows).reshape(view)
-        return scale * eps_q - bias
-
-
-def _is_identity(tables: CompensationTables) -> bool:
-    return bool((tables.scale == 1).all() and (tables.prev == 0).all() and (tables.bias == 0).all())
+        return compensate_rows(self.head.scale, None, self.head.bias, self.head.rows(timestep), eps_q, None)
 
 
 def fold_compensation(gm: torch.fx.GraphModule, tables: CompensationTables,
-                      example: tuple[torch.Tensor, ...]) -> tuple[PassResult, tuple[torch.Tensor, ...]]:
+                      example: tuple[torch.Tensor, ...]) -> PassResult:
     """Needs: a graph with positional engine inputs and one output eps~ of C channels matching the tables.
-    Guarantees: the lookup-plus-add subgraph on the output; example inputs extended by a zero comp_state."""
+    Guarantees: a new module (``gm`` is left as it was) with the lookup-plus-add subgraph on the output;
+    ``products["example"]``: the example inputs, extended by a zero comp_state when the tables use state."""
     with torch.no_grad():
         out = gm(*example)
     require(isinstance(out, torch.Tensor) and out.shape[1] == tables.scale.shape[1], "fold_compensation",
             f"model output {tuple(getattr(out, 'shape', ()))} does not match tables with {tables.scale.shape[1]} channels")
-    if _is_identity(tables):
-        return PassResult(gm, False, {"stateful": False}), example
+    if tables.is_identity:
+        return PassResult(gm, False, {"stateful": False}, {"example": example})
     wrapper = _Compensated(gm, tables)  # no .eval(): exported graphs refuse train/eval switches
     new_example = (*example, torch.zeros_like(out)) if wrapper.stateful else example
     dims = tuple({0: torch.export.Dim.AUTO} for _ in new_example)  # forward(*inputs): one varargs entry
     with torch.no_grad():
         folded = torch.export.export(wrapper, new_example, dynamic_shapes=(dims,), strict=False).module()
-    return PassResult(folded, True, {"stateful": wrapper.stateful, "method": tables.method}), new_example
+    return PassResult(folded, True, {"stateful": wrapper.stateful, "method": tables.method}, {"example": new_example})

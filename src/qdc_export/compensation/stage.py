@@ -21,14 +21,7 @@ from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT
 from qdc_export.manifest import COMPENSATION_DIR
 from qdc_export.metrics import psnr
 from qdc_export.quantize.calibrate import calibration_seeds
-from qdc_export.sampling import (
-    TorchDenoiser,
-    guided_output,
-    initial_latents,
-    latents_to_images,
-    make_scheduler,
-    run_sampler,
-)
+from qdc_export.sampling import Episode, TorchDenoiser, latents_to_images, make_scheduler, run_episode
 
 FIT_SEED_SHIFT = 7  # compensation fits use calibration seeds shifted away from the range observers saw
 VALIDATION_SEED_SHIFT = 13  # the held-out check uses seeds neither the observers nor the fit saw
@@ -52,32 +45,22 @@ def method_name(config: BuildConfig) -> str:
     return f"tcec-{config.tcec_variant}" if config.compensation == "tcec" else config.compensation
 
 
-def guided_denoiser(module: Any, model: LoadedModel, cond: dict[str, torch.Tensor],
-                    uncond: dict[str, torch.Tensor]):
-    """The fit's ``denoiser(x, t)``: the positional module with classifier-free guidance, as the sampler runs it."""
-    denoiser = TorchDenoiser(module, [spec.name for spec in model.conditioning.specs])
-    use_cfg = bool(model.conditioning.specs) and model.conditioning.guidance_scale != 1.0
-
-    def denoise(x: torch.Tensor, t: Any, **_: Any) -> torch.Tensor:
-        return guided_output(denoiser, x, t, cond, uncond if use_cfg else None, model.conditioning.guidance_scale)
-
-    return denoise
-
-
 def fit_compensation(quantized: torch.nn.Module, model: LoadedModel, config: BuildConfig) -> CompensationTables:
     seeds = fit_seeds(config)
-    cond, uncond = model.conditioning.for_samples(seeds)
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
-    latents = initial_latents(shape, seeds)  # fit_tables scales by init_noise_sigma itself
     scheduler = make_scheduler(config.scheduler, model.scheduler_config)
+    episode = Episode.from_seeds(scheduler, config.steps, model.conditioning, shape, seeds)
+    names = [spec.name for spec in model.conditioning.specs]
+
+    def guided(module: Any) -> Any:
+        """The fit's ``denoiser(x, t)``: the positional module with the episode's classifier-free guidance."""
+        denoiser = TorchDenoiser(module, names)
+        return lambda x, t: episode.output(denoiser, x, t)
+
     fp = model.adapter.wrap(model.unet).eval()
     options = FitOptions(ridge=config.comp_ridge, fit_bias=config.comp_fit_bias, target=config.comp_target)
-    return fit_tables(
-        method_name(config),
-        guided_denoiser(quantized, model, cond, uncond),
-        guided_denoiser(fp, model, cond, uncond),
-        scheduler, config.steps, latents, options=options, seed=config.seed,
-    )
+    return fit_tables(method_name(config), guided(quantized), guided(fp), scheduler, config.steps, episode.noise,
+                      options=options, seed=config.seed)
 
 
 def validate_compensation(quantized: torch.nn.Module, compensated: torch.nn.Module, stateful: bool,
@@ -97,10 +80,8 @@ def validate_compensation(quantized: torch.nn.Module, compensated: torch.nn.Modu
         finals = []
         for start in range(0, len(seeds), VALIDATION_BATCH):  # batches of 8 as in calibration (memory on SDXL)
             chunk = seeds[start:start + VALIDATION_BATCH]
-            cond, uncond = model.conditioning.for_samples(chunk)
-            trajectory = run_sampler(denoiser, scheduler, config.steps, initial_latents(shape, chunk), cond, uncond,
-                                     model.conditioning.guidance_scale, record=False)
-            finals.append(trajectory.final)
+            episode = Episode.from_seeds(scheduler, config.steps, model.conditioning, shape, chunk)
+            finals.append(run_episode(denoiser, episode, record=False).final)
         return latents_to_images(torch.cat(finals))
 
     fp = images(TorchDenoiser(model.adapter.wrap(model.unet).eval(), names))
@@ -125,7 +106,8 @@ def add_compensation(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]
                      config: BuildConfig, staging: Path, io: dict[str, Any]):
     """Fit the tables on paired trajectories, fold them into the graph, save them, extend the I/O."""
     tables = fit_compensation(gm, model, config)
-    folded, folded_example = fold_compensation(gm, tables, example)
+    folded = fold_compensation(gm, tables, example)
+    folded_example = folded.products["example"]
     validation = (validate_compensation(gm, folded.module, tables.uses_state, model, config)
                   if config.comp_validate and folded.modified else None)
     if validation is not None and not validation["accepted"]:

@@ -30,6 +30,7 @@ any batch; a timestep of shape [], [1] or [B] broadcasts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -46,7 +47,10 @@ __all__ = [
     "CompensationHead",
     "CompensationTables",
     "apply_compensation",
+    "apply_row",
     "compensate",
+    "compensate_rows",
+    "compensation_formula",
     "lookup_tolerance",
     "timestep_to_row",
 ]
@@ -82,6 +86,40 @@ def timestep_to_row(timesteps_table: torch.Tensor, t: torch.Tensor | float, tol:
     return torch.where(min_dist <= tol_t, idx, identity_row)
 
 
+def compensation_formula(s: torch.Tensor, p: torch.Tensor | None, b: torch.Tensor, eps_q: torch.Tensor,
+                         state: torch.Tensor | None) -> torch.Tensor:
+    """eps_hat = s * eps_q - p * state - b with s, p, b already gathered and broadcastable to eps_q: the one place the
+    compensation formula is written (the head, the folded graph and the fit all evaluate it here, with this order
+    of operations). ``p is None``: stateless tables, the state term is skipped rather than multiplied by zeros."""
+    if p is None:
+        return s * eps_q - b
+    return s * eps_q - p * state.to(eps_q.dtype) - b  # type: ignore[union-attr]
+
+
+def apply_row(scale: torch.Tensor, prev: torch.Tensor, bias: torch.Tensor, eps_q: torch.Tensor,
+              state: torch.Tensor) -> torch.Tensor:
+    """One table row (float32 [C] each, before the tables exist: the fit) applied to every element of the batch,
+    broadcast as [1, C, 1, ...] like the head's gathered rows."""
+    view = (1, -1) + (1,) * (eps_q.dim() - 2)
+    s, p, b = (v.reshape(view).to(eps_q.dtype) for v in (scale, prev, bias))
+    return compensation_formula(s, p, b, eps_q, state)
+
+
+def compensate_rows(scale: torch.Tensor, prev: torch.Tensor | None, bias: torch.Tensor, row: torch.Tensor,
+                    eps_q: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """The graph form: gather each batch element's row r (a LongTensor [B]) of the [N+1, C] tables, then the
+    formula. ``prev``/``state`` None: stateless tables (the folded graph of m = 0, PTQD, TAC)."""
+    view = (row.shape[0], scale.shape[1]) + (1,) * (eps_q.dim() - 2)  # [Bt, C, 1, 1(, 1)]
+    if prev is None or state is None:
+        s = scale.index_select(0, row).reshape(view)
+        b = bias.index_select(0, row).reshape(view)
+        return compensation_formula(s, None, b, eps_q, None)
+    s = scale.index_select(0, row).reshape(view).to(eps_q.dtype)
+    p = prev.index_select(0, row).reshape(view).to(eps_q.dtype)
+    b = bias.index_select(0, row).reshape(view).to(eps_q.dtype)
+    return compensation_formula(s, p, b, eps_q, state)
+
+
 def compensate(
     scale: torch.Tensor,
     prev: torch.Tensor,
@@ -94,12 +132,7 @@ def compensate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The functional reference: (eps_hat, state_out) = (scale[r] eps_q - prev[r] state - bias[r], eps_q)."""
     row = timestep_to_row(timesteps, timestep, tol)  # [Bt]
-    view = (row.shape[0], scale.shape[1]) + (1,) * (eps_q.dim() - 2)  # [Bt, C, 1, 1(, 1)]
-    s = scale.index_select(0, row).reshape(view).to(eps_q.dtype)
-    p = prev.index_select(0, row).reshape(view).to(eps_q.dtype)
-    b = bias.index_select(0, row).reshape(view).to(eps_q.dtype)
-    eps_hat = s * eps_q - p * state.to(eps_q.dtype) - b
-    return eps_hat, eps_q
+    return compensate_rows(scale, prev, bias, row, eps_q, state), eps_q
 
 
 def _frozen(arr: Any, dtype: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -176,14 +209,47 @@ class CompensationTables:
 
     @property
     def is_identity(self) -> bool:
+        """Every row is the identity (scale 1, prev 0, bias 0): the head would change nothing."""
         return bool(np.all(self.scale == 1) and np.all(self.prev == 0) and np.all(self.bias == 0))
+
+    def rows(self, timestep: torch.Tensor | float) -> torch.Tensor:
+        """LongTensor [B] of table rows for timestep value(s) (``timestep_to_row`` with this table's tolerance)."""
+        return timestep_to_row(torch.tensor(self.timesteps), timestep, self.tolerance)
 
     def row_for(self, t: float) -> int:
         """Python-side row lookup for one timestep (same rule as ``timestep_to_row``)."""
-        return int(timestep_to_row(torch.tensor(self.timesteps), torch.tensor([float(t)]), self.tolerance)[0])
+        return int(self.rows(torch.tensor([float(t)]))[0])
 
     def head(self) -> CompensationHead:
         return CompensationHead(self)
+
+    @functools.cached_property
+    def _head(self) -> CompensationHead:
+        return CompensationHead(self)
+
+    def apply(self, eps_q: torch.Tensor, timestep: torch.Tensor | float,
+              state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, state_out) = (scale[r] eps_q - prev[r] state - bias[r], eps_q), evaluated by the head module
+        the graph folds; ``state=None`` means zeros (the first step)."""
+        return _run_head(self._head, eps_q, timestep, state)
+
+    def undo(self, eps_hat: torch.Tensor, timestep: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw output back from the compensated one: eps_q = (eps_hat + prev[r] state + bias[r]) / scale[r], exact
+        up to float32 rounding. ``state`` (the previous raw output) is needed when the tables use it. Refuses rows
+        whose scale is 0 (the head erased eps_q there: it cannot be recovered)."""
+        if state is None and self.uses_state:
+            raise UserError(f"{self.method} tables use the previous output: undoing them needs the state")
+        row = self.rows(timestep)
+        if bool(np.any(self.scale[row.numpy()] == 0)):
+            bad = sorted({int(r) for r in row if np.any(self.scale[int(r)] == 0)})
+            raise UserError(f"compensation rows {bad} have scale 0 in some channel: the raw output cannot be "
+                            "recovered from the compensated one")
+        view = (len(row), eps_hat.shape[1]) + (1,) * (eps_hat.dim() - 2)
+        s, b = (torch.from_numpy(t[row.numpy()]).reshape(view) for t in (self.scale, self.bias))
+        if state is None:
+            return (eps_hat + b) / s
+        p = torch.from_numpy(self.prev[row.numpy()]).reshape(view)
+        return (eps_hat + p * state + b) / s
 
     # ---- constructors ----------------------------------------------------------------------------------------
     @classmethod
@@ -311,6 +377,15 @@ class CompensationHead(nn.Module):
         return compensate(self.scale, self.prev, self.bias, self.timesteps, self.tol, eps_q, timestep, state)
 
 
+def _run_head(head: CompensationHead, eps_q: torch.Tensor, timestep: torch.Tensor | float,
+              state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    head = head.to(eps_q.device)
+    if state is None:
+        state = torch.zeros_like(eps_q)
+    out: tuple[torch.Tensor, torch.Tensor] = head(eps_q, torch.as_tensor(timestep, device=eps_q.device), state)
+    return out
+
+
 def apply_compensation(
     tables: CompensationTables | CompensationHead,
     eps_q: torch.Tensor,
@@ -318,9 +393,6 @@ def apply_compensation(
     state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference semantics in one call: ``(eps_hat, state_out)``; ``state=None`` means zeros (first step)."""
-    head = tables if isinstance(tables, CompensationHead) else CompensationHead(tables)
-    head = head.to(eps_q.device)
-    if state is None:
-        state = torch.zeros_like(eps_q)
-    out: tuple[torch.Tensor, torch.Tensor] = head(eps_q, torch.as_tensor(timestep, device=eps_q.device), state)
-    return out
+    if isinstance(tables, CompensationTables):
+        return tables.apply(eps_q, timestep, state)
+    return _run_head(tables, eps_q, timestep, state)

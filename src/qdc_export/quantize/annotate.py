@@ -9,6 +9,7 @@ torchao's PT2E (prepare_pt2e / convert_pt2e) in :mod:`qdc_export.quantize.qdq`."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -98,3 +99,30 @@ class TensorRTStyleQuantizer(Quantizer):
 
     def validate(self, model: torch.fx.GraphModule) -> None:
         return None
+
+
+def fake_quantize_with_spec(x: torch.Tensor, spec: QuantizationSpec) -> torch.Tensor:
+    """``x`` through the observer and quantizer a PT2E spec of this module describes, as the build would compute
+    them from this one tensor (range from the spec's own observer, then round-to-nearest-even and clamp)."""
+    kwargs: dict[str, Any] = dict(dtype=spec.dtype, quant_min=spec.quant_min, quant_max=spec.quant_max,
+                                  qscheme=spec.qscheme)
+    per_channel = spec.qscheme == torch.per_channel_symmetric
+    if per_channel:
+        kwargs["ch_axis"] = spec.ch_axis
+    observer = spec.observer_or_fake_quant_ctr(**kwargs)
+    observer(x.detach())
+    scale, zero_point = observer.calculate_qparams()
+    if per_channel:
+        return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point.to(torch.int32), spec.ch_axis,
+                                                      spec.quant_min, spec.quant_max)
+    return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), spec.quant_min, spec.quant_max)
+
+
+def int8_weight_spec() -> QuantizationSpec:
+    """The INT8 weight quantizer of W8A8 layers (per output channel, -127..127)."""
+    return _weight_spec()
+
+
+def int8_activation_spec(plan: QuantizationPlan) -> QuantizationSpec:
+    """The static INT8 activation quantizer of ``plan`` (per tensor, its observer and percentile)."""
+    return _act_spec(plan)

@@ -13,7 +13,7 @@ import torch
 from qdc_export.errors import CalibrationError
 from qdc_export.load.models import LoadedModel
 from qdc_export.quantize.annotate import _CONV_LINEAR
-from qdc_export.sampling import TorchDenoiser, initial_latents, make_scheduler, run_sampler
+from qdc_export.sampling import Episode, TorchDenoiser, make_scheduler, run_episode
 
 CALIBRATION_SEED_OFFSET = 100_000  # calibration seeds never overlap evaluation seeds
 
@@ -47,10 +47,8 @@ def run_calibration(observed: torch.nn.Module, model: LoadedModel, *, scheduler_
     try:
         for start in starts:
             chunk = seeds[start:start + batch]
-            cond, uncond = model.conditioning.for_samples(chunk)
-            latents = initial_latents(shape, chunk)
-            traj = run_sampler(denoiser, scheduler, steps, latents, cond, uncond,
-                               model.conditioning.guidance_scale, record=False, progress=progress,
+            episode = Episode.from_seeds(scheduler, steps, model.conditioning, shape, chunk)
+            traj = run_episode(denoiser, episode, record=False, progress=progress,
                                desc=f"calibrating {start // batch + 1}/{math.ceil(samples / batch)}")
             if not torch.isfinite(traj.final).all():
                 check_observers(observed)  # names the first layers whose ranges went NaN/Inf, if any did

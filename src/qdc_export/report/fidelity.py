@@ -36,11 +36,11 @@ from qdc_export.precision import PrecisionPlan
 from qdc_export.quantize.graph import build_graph
 from qdc_export.sampling import (
     Denoiser,
+    Episode,
     TorchDenoiser,
-    initial_latents,
     latents_to_images,
     make_scheduler,
-    run_sampler,
+    run_episode,
 )
 
 # Named compensation methods -> BuildConfig fields. "none" is the plain quantized engine.
@@ -123,11 +123,7 @@ def sample_latents(
     chunks = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start : start + batch]
-        cond, uncond = model.conditioning.for_samples(chunk)
-        latents = initial_latents(shape, chunk)  # run_sampler applies init_noise_sigma
-        traj = run_sampler(
-            denoiser, scheduler, steps, latents, cond, uncond, model.conditioning.guidance_scale
-        )
+        traj = run_episode(denoiser, Episode.from_seeds(scheduler, steps, model.conditioning, shape, chunk))
         chunks.append(torch.stack(traj.latents))
     return torch.cat(chunks, dim=1)
 

@@ -12,7 +12,7 @@ from qdc_export.engines.onnxruntime import OrtDenoiser
 from qdc_export.errors import OutputExistsError
 from qdc_export.load.models import conditioning_from_build
 from qdc_export.manifest import read_manifest, verify_artifacts
-from qdc_export.sampling import initial_latents, latents_to_images, make_scheduler, run_sampler
+from qdc_export.sampling import Episode, latents_to_images, make_scheduler, run_episode
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -38,10 +38,8 @@ def sample_build(build_dir: Path, *, seeds: list[int], out: Path, provider: str 
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
-        cond, uncond = conditioning.for_samples(chunk)
-        latents = initial_latents(shape, chunk)
-        traj = run_sampler(denoiser, scheduler, manifest["scheduler"]["steps"], latents, cond, uncond,
-                           conditioning.guidance_scale, record=False, progress=progress)
+        episode = Episode.from_seeds(scheduler, manifest["scheduler"]["steps"], conditioning, shape, chunk)
+        traj = run_episode(denoiser, episode, record=False, progress=progress)
         for image, path in zip(latents_to_images(traj.final), names[start:start + batch]):
             tmp = path.with_suffix(".png.tmp")
             to_pil(image).save(tmp, format="PNG")

@@ -6,18 +6,14 @@ Sections (PNGs in ``report/``, referenced relatively, so the folder is self-cont
    quantized engine with compensation, per-image PSNR (dB, [0, 1] images) under each image; 32x32 images are
    upscaled x4 (nearest). Both quantized columns are the build's ONNX model in ONNX Runtime:
    * build with compensation: column 3 is the engine as built; column 2 is the same engine with the head undone
-     (stateful tables: the raw output ``comp_state_out``; stateless: (noise_pred + bias[r]) / scale[r], exact up
-     to float32 rounding), stepped along its own, uncompensated trajectory;
+     (stateful tables: the raw output ``comp_state_out``; stateless: ``CompensationTables.undo``,
+     (noise_pred + bias[r]) / scale[r], exact up to float32 rounding), stepped along its own, uncompensated trajectory;
    * build without compensation: column 2 is the engine as built; column 3 applies TCEC m = 0 tables fitted now
-     (on the build's calibration-fit seeds, with the build's reference graph) outside the engine, with the same
-     formula as the folded head. The report labels which case it is.
+     (on the build's calibration-fit seeds, with the build's reference graph) outside the engine by ``CompensationTables.apply``,
+     the same head module the graph folds. The report labels which case it is.
 2. Per-step latent error ||x~_n - x_n|| / ||x_n|| (mean over the images) with and without compensation.
-3. Per-layer sensitivity: SQNR (dB) of each quantized layer's output when only that layer's input and weight are
-   quantized, on inputs recorded from FP calibration trajectories; the 30 worst layers as a bar chart. The
-   quantizers are re-created from the build config (weights: symmetric per output channel at 8 bits, per group of
-   ``weight_block_size`` input channels at 4 bits; activations: symmetric per tensor at 8 bits with the build's
-   observer range (percentile or max; mse falls back to max), per group of 64 channels at 4 bits, none for a16).
-   It ranks layers; it is not the build's exact graph.
+3. Per-layer sensitivity (:mod:`qdc_export.report.sensitivity`): SQNR (dB) of each quantized layer's output when
+   only that layer is quantized; the 30 worst layers as a bar chart.
 4. The parity summary from ``parity.json``.
 
 ``report.json`` holds every number shown (full precision). The report is written after the manifest: it is
@@ -25,17 +21,13 @@ derived, not an artifact, and is not hashed."""
 
 from __future__ import annotations
 
-import base64
 import json
-import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from qdc_export.compensation import CompensationTables
 from qdc_export.config import BuildConfig
@@ -45,15 +37,13 @@ from qdc_export.load.models import LoadedModel
 from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
 from qdc_export.manifest import COMPENSATION_DIR, MODEL_FILE, PARITY_FILE, read_manifest, verify_artifacts
 from qdc_export.metrics import psnr, relative_latent_error
-from qdc_export.quantize.calibrate import calibration_seeds
 from qdc_export.report.fidelity import evaluation_seeds, fp_denoiser, sample_latents
+from qdc_export.report.figures import WORST_LAYERS, image_grid, plot_error_curves, plot_sensitivity
 from qdc_export.report.html import REPORT_DIR, column_titles, render_html
-from qdc_export.report.samples import to_pil
-from qdc_export.sampling import latents_to_images, make_scheduler, run_sampler
+from qdc_export.report.sensitivity import layer_sensitivity, quantized_layers
+from qdc_export.sampling import latents_to_images
 
 REPORT_FILE = "report.html"
-UPSCALE = 4
-WORST_LAYERS = 30
 
 
 # ---- denoisers around the engine ------------------------------------------------------------------------------
@@ -75,19 +65,14 @@ class UncompensatedOrt(OrtDenoiser):
         if self.stateful:
             feeds[COMP_STATE] = np.zeros_like(feeds[SAMPLE])  # the raw output does not depend on the state
             return torch.from_numpy(self.run(feeds)[1])
-        out = torch.from_numpy(self.run(feeds)[0])
-        rows = [self.tables.row_for(float(t)) for t in timestep]
-        view = (len(rows), out.shape[1]) + (1,) * (out.dim() - 2)
-        scale = torch.from_numpy(self.tables.scale[rows]).reshape(view)
-        bias = torch.from_numpy(self.tables.bias[rows]).reshape(view)
-        return (out + bias) / scale
+        return self.tables.undo(torch.from_numpy(self.run(feeds)[0]), timestep.float())
 
 
 class HeadApplied:
-    """An uncompensated denoiser followed by a compensation head evaluated in PyTorch (same formula as the graph)."""
+    """An uncompensated denoiser followed by the tables' head evaluated in PyTorch (``CompensationTables.apply``)."""
 
     def __init__(self, inner: Any, tables: CompensationTables) -> None:
-        self.inner, self.head = inner, tables.head()
+        self.inner, self.tables = inner, tables
         self.state: torch.Tensor | None = None
 
     def reset(self, batch: int) -> None:
@@ -99,239 +84,9 @@ class HeadApplied:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         eps = self.inner(sample, timestep, cond).float()
-        if self.state is None or self.state.shape != eps.shape:
-            self.state = torch.zeros_like(eps)
-        out, self.state = self.head(eps, timestep, self.state)
-        result: torch.Tensor = out
-        return result
-
-
-# ---- per-layer sensitivity -------------------------------------------------------------------------------------
-def _fake_quant(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    scale = (amax / qmax).clamp_min(1e-12)
-    q: torch.Tensor = (x / scale).round().clamp(-qmax - 1, qmax) * scale
-    return q
-
-
-def _group_quant(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
-    """Symmetric quantization with one scale per ``group`` consecutive entries along ``dim``."""
-    moved = x.movedim(dim, -1)
-    size = moved.shape[-1]
-    pad = (-size) % group
-    padded = torch.nn.functional.pad(moved, (0, pad))
-    grouped = padded.reshape(*padded.shape[:-1], -1, group)
-    q = _fake_quant(grouped, grouped.abs().amax(-1, keepdim=True), bits)
-    return q.reshape(padded.shape)[..., :size].movedim(-1, dim)
-
-
-def _quantize_weight(w: torch.Tensor, config: BuildConfig) -> torch.Tensor:
-    if config.plan.int4_weights:
-        return _group_quant(w, 4, config.plan.weight_block_size, dim=1)
-    return _fake_quant(w, w.abs().flatten(1).amax(1).reshape(-1, *([1] * (w.dim() - 1))), 8)
-
-
-def _quantize_activation(x: torch.Tensor, config: BuildConfig) -> torch.Tensor:
-    if config.plan.activation == "float":
-        return x
-    if config.plan.activation == "int4-group":
-        return _group_quant(x, 4, 64, dim=1)
-    flat = x.abs().flatten().double()
-    if config.observer == "percentile":
-        sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-        amax = torch.quantile(sample, config.percentile / 100).float()
-    else:
-        amax = flat.max().float()
-    return _fake_quant(x, amax, 8)
-
-
-def _layer_output(
-    module: torch.nn.Conv2d | torch.nn.Linear, x: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    if isinstance(module, torch.nn.Conv2d):
-        out: torch.Tensor = module._conv_forward(x, weight, module.bias)
+        state = self.state if self.state is not None and self.state.shape == eps.shape else None
+        out, self.state = self.tables.apply(eps, timestep, state)
         return out
-    return torch.nn.functional.linear(x, weight, module.bias)
-
-
-def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
-    noise = float((reference.double() - actual.double()).pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
-
-
-def layer_sensitivity(
-    model: LoadedModel, config: BuildConfig, layers: list[str], *, samples: int = 2, keep_steps: int = 4
-) -> list[dict[str, Any]]:
-    """SQNR of each named layer's output with only that layer quantized (see the module docstring)."""
-    modules = dict(model.unet.named_modules())
-    chosen = [n for n in layers if isinstance(modules.get(n), (torch.nn.Conv2d, torch.nn.Linear))]
-    scheduler = make_scheduler(config.scheduler, model.scheduler_config)
-    keep = set(np.linspace(0, config.steps - 1, min(keep_steps, config.steps)).round().astype(int).tolist())
-    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in chosen}
-    state = {"step": -1}
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
-            if state["step"] in keep:
-                recorded[name].append(inputs[0].detach().clone())
-
-        return fn
-
-    class Counting:
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def reset(self, batch: int) -> None:
-            state["step"] = -1
-
-        def __call__(
-            self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]
-        ) -> Any:
-            state["step"] += 1
-            return self.inner(sample, timestep, cond)
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in chosen]
-    try:
-        seeds = calibration_seeds(config.seed, samples)
-        cond, uncond = model.conditioning.for_samples(seeds)
-        shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
-        from qdc_export.sampling import initial_latents
-
-        latents = initial_latents(shape, seeds)
-        run_sampler(
-            Counting(fp_denoiser(model)),
-            scheduler,
-            config.steps,
-            latents,
-            cond,
-            uncond,
-            model.conditioning.guidance_scale,
-            record=False,
-        )
-    finally:
-        for h in handles:
-            h.remove()
-    rows = []
-    with torch.no_grad():
-        for name in chosen:
-            if not recorded[name]:
-                continue
-            module = modules[name]
-            x = torch.cat(recorded[name])
-            ref = _layer_output(module, x, module.weight)
-            out = _layer_output(
-                module, _quantize_activation(x, config), _quantize_weight(module.weight, config)
-            )
-            rows.append({"layer": name, "type": type(module).__name__, "sqnr_db": sqnr_db(ref, out)})
-            recorded[name] = []
-    return sorted(rows, key=lambda r: r["sqnr_db"])
-
-
-# ---- pictures --------------------------------------------------------------------------------------------------
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def image_grid(
-    columns: list[tuple[str, torch.Tensor, list[float] | None]], path: Path, *, per_row: int = 4
-) -> None:
-    """Images in groups of ``per_row`` seeds; within a group one row per column kind (FP, quantized, ...), each
-    tile upscaled x4 with its PSNR (dB) underneath."""
-    n = columns[0][1].shape[0]
-    size = columns[0][1].shape[-1] * UPSCALE
-    label_w, cap_h, pad = 150, 20, 6
-    groups = math.ceil(n / per_row)
-    width = label_w + per_row * (size + pad) + pad
-    height = groups * (len(columns) * (size + cap_h + pad) + 14) + 24
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font, small = _font(14), _font(13)
-    for g in range(groups):
-        y0 = 24 + g * (len(columns) * (size + cap_h + pad) + 14)
-        for k in range(per_row):
-            i = g * per_row + k
-            if i < n:
-                draw.text((label_w + pad + k * (size + pad), y0 - 18), f"seed {i}", fill="black", font=small)
-        for c, (title, images, values) in enumerate(columns):
-            y = y0 + c * (size + cap_h + pad)
-            for line_no, part in enumerate(title.split("\n")):
-                draw.text((6, y + size // 2 - 16 + 16 * line_no), part, fill="black", font=small)
-            for k in range(per_row):
-                i = g * per_row + k
-                if i >= n:
-                    continue
-                x = label_w + pad + k * (size + pad)
-                tile = to_pil(images[i]).convert("RGB").resize((size, size), Image.Resampling.NEAREST)
-                canvas.paste(tile, (x, y))
-                caption = (
-                    "reference"
-                    if values is None
-                    else ("identical" if math.isinf(values[i]) else f"{values[i]:.2f} dB")
-                )
-                draw.text((x + 4, y + size + 2), caption, fill="black", font=font)
-    canvas.save(path)
-
-
-def plot_error_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    for label, curve in curves.items():  # step 0 (the shared starting noise) has error 0: not on a log axis
-        ax.plot(range(1, len(curve)), curve[1:], marker="o", markersize=3, label=label)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_yscale("log")
-    ax.set_xlabel("sampler steps taken (error is 0 at step 0, the shared starting noise)")
-    ax.set_ylabel("||x~_n - x_n|| / ||x_n||")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_sensitivity(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    worst = rows[:WORST_LAYERS][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.28 * max(len(worst), 4) + 1.2), dpi=110)
-    values = [min(r["sqnr_db"], 200.0) for r in worst]
-    ax.barh(range(len(worst)), values, color="tab:red")
-    ax.set_yticks(range(len(worst)), [r["layer"] for r in worst], fontsize=7)
-    ax.set_xlabel("output SQNR with only this layer quantized (dB; lower = more sensitive)")
-    ax.set_title(title, fontsize=10)
-    for k, v in enumerate(values):
-        ax.text(v, k, f" {v:.1f}", va="center", fontsize=7)
-    ax.set_xlim(0, max(values + [1.0]) * 1.12)
-    ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ---- the report ------------------------------------------------------------------------------------------------
-def _layers_of(manifest: dict[str, Any], model: LoadedModel) -> list[str]:
-    layers = manifest.get("quantization", {}).get("quantized_layers")
-    if layers:
-        return list(layers)
-    floats = set(manifest.get("quantization", {}).get("float_layers", []))
-    return [
-        n
-        for n, m in model.unet.named_modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n not in floats
-    ]
 
 
 def _psnr_list(reference: torch.Tensor, latents: torch.Tensor) -> list[float]:
@@ -370,7 +125,7 @@ def write_report(
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
     compensation = manifest.get("compensation", {})
     method = "none" if compensation.get("rejected") else compensation.get("method", "none")  # not in the engine
-    quantized = config.plan.quantized
+    quantized = config.quantized
     columns: list[tuple[str, torch.Tensor, list[float] | None]] = [
         ("FP model\n(eager PyTorch)", reference[-1], None)
     ]
@@ -437,7 +192,7 @@ def write_report(
     )
     layer_rows: list[dict[str, Any]] = []
     if sensitivity and quantized:
-        layer_rows = layer_sensitivity(model, config, _layers_of(manifest, model))
+        layer_rows = layer_sensitivity(model, config, quantized_layers(manifest, model))
         if layer_rows:
             plot_sensitivity(
                 layer_rows,
@@ -455,8 +210,3 @@ def write_report(
     (assets / "report.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
     html_path.write_text(render_html(manifest, summary, parity))
     return html_path
-
-
-def embed_png(path: Path) -> str:
-    """A data: URI for a PNG (for callers that want a single-file HTML)."""
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
