@@ -125,7 +125,7 @@ def write_report(
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
     compensation = manifest.get("compensation", {})
     method = "none" if compensation.get("rejected") else compensation.get("method", "none")  # not in the engine
-    quantized = config.quantized
+    quantized = config.plan.quantized
     columns: list[tuple[str, torch.Tensor, list[float] | None]] = [
         ("FP model\n(eager PyTorch)", reference[-1], None)
     ]
