@@ -28,6 +28,7 @@ from .passes.annotate import QuantizationPlan
 from .passes.cleanup import remove_inference_noops, remove_unused_weights, sink_weight_computations
 from .passes.fold_compensation import fold_compensation
 from .passes.half import HALF_DTYPES, to_half
+from .passes.annotate_cpu import cpu_form_quantizer
 from .passes.qdq import insert_observers, materialize_qdq
 from .plugins.base import COMP_STATE, COMP_STATE_OUT
 from .reproducible import save_program
@@ -93,7 +94,7 @@ def build_graph(model: LoadedModel, config: BuildConfig, *, progress: bool = Fal
     elif config.quantized:
         plan = quantization_plan(config, model)
         with timer.stage("insert_observers"):
-            observed, _ = insert_observers(gm, plan)
+            observed, _ = insert_observers(gm, plan, cpu_form_quantizer(plan) if config.target == "onnxruntime-cpu" else None)
         info["passes"].append({"name": "insert_observers", "modified": observed.modified,
                                "observers": observed.details["observers"]})
         info["quantized_layers"] = observed.details["quantized_layers"]

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
 from polygraphy.logger import G_LOGGER
 from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
@@ -38,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .memory import log_resident, release_memory
 from .metrics import error_stats, psnr
 from .plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
-from .engines.onnxruntime import OrtDenoiser
+from .engines.select import denoiser_for, runner_for
 from .sampling import Denoiser, TorchDenoiser, Trajectory, initial_latents, latents_to_images, run_sampler
 
 
@@ -250,7 +249,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     # 3. the engine on the same feeds (Polygraphy), then its own trajectory
     session = case.open_engine()
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
-        results = Comparator.run([OnnxrtRunner(session, name="onnxruntime")], data_loader=recorder.feeds)
+        results = Comparator.run([runner_for(session)], data_loader=recorder.feeds)
     results = RunResults([(REFERENCE_RUNNER, torch_iters), *results.items()])
     ort_iters = list(results.values())[1]
     per_step = [error_stats(a[NOISE_PRED], b[NOISE_PRED]) for a, b in zip(torch_iters, ort_iters)]
@@ -287,7 +286,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     if floor is not None and fp_images is not None:  # snr_req / cos_req are the per-step thresholds above
         report["noise_floor"] = {**floor, "required_snr_db": snr_req, "required_cosine": cos_req,
                                  "step_passed": step_passed}
-        ort_final = _trajectories(case, seeds, OrtDenoiser(session)).final
+        ort_final = _trajectories(case, seeds, denoiser_for(session)).final
         psnr_ref = _psnr_vs_fp(fp_images, ref_traj.final)
         psnr_ort = _psnr_vs_fp(fp_images, ort_final)
         gap = abs(float(psnr_ort.mean()) - float(psnr_ref.mean()))

@@ -14,7 +14,10 @@ SCHEDULERS = ("ddim", "ddpm", "euler", "dpmsolver++")
 OBSERVERS = ("minmax", "percentile", "mse")
 COMPENSATIONS = ("none", "tcec", "ptqd", "tac")
 TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "onnxruntime-cpu", "openvino")
+# CPU deployment forms (docs/cpu.md): W8A8 with quantized Conv/Linear outputs for ONNX Runtime's integer kernels,
+# and the onnxruntime form's ONNX run by OpenVINO. Both W8A8 or FP32 only.
+CPU_FORM_PRECISIONS = {"onnxruntime-cpu": ("w8a8",), "openvino": ("fp32", "w8a8")}
 WEIGHT_BLOCK_SIZES = (64, 128)
 # Seed sets (tests/test_seeds.py checks they are disjoint at these maxima): calibration, compensation-fit and
 # held-out seeds are blocks of 1000 per --seed from 100 000 on (calibrate.calibration_seeds; the fit and held-out
@@ -138,6 +141,9 @@ class BuildConfig:
             raise UserError("w4a8 cannot target TensorRT: TensorRT runs INT4 only as weight-only GEMMs in the "
                             "activation's float type and has no INT4-weight x INT8-activation kernel; use --target "
                             "onnxruntime, or w4a16 / w8a8 for TensorRT")
+        if self.target in CPU_FORM_PRECISIONS and self.precision not in CPU_FORM_PRECISIONS[self.target]:
+            raise UserError(f"--target {self.target} takes {' or '.join(CPU_FORM_PRECISIONS[self.target])}, not "
+                            f"{self.precision} (docs/cpu.md)")
         _check_choice("--trt-float", self.trt_float, TRT_FLOAT_TYPES)
         _check_choice("--trt-conv", self.trt_conv, TRT_CONV_MODES)
         if self.trt_float == "bf16":  # measured: onnx.checker rejects Conv(tensor(bfloat16)) at opset 21

@@ -19,10 +19,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+from pathlib import Path
+
 import onnx
 import onnxruntime as ort
 
 from qdc_export.errors import UserError
+
+from .ort_cpu import CPU_FORM_TARGET, cpu_form_session_source, publish_optimized_model
 
 __all__ = ["PROVIDERS", "create_session", "make_session_options"]
 
@@ -123,12 +127,29 @@ def create_session(
     chosen: list[Any] = list(providers)
     folder = None if isinstance(model_path_or_proto, onnx.ModelProto) else os.path.dirname(os.fspath(source))
     if providers[0] == PROVIDERS["tensorrt"] and folder and os.path.isfile(os.path.join(folder, "manifest.json")):
-        from pathlib import Path
-
         from .ort_tensorrt import tensorrt_provider_options
 
         chosen[0] = (providers[0], tensorrt_provider_options(Path(folder)))
+    cpu_form = (providers[0] == PROVIDERS["cpu"] and folder is not None and build_target(folder) == CPU_FORM_TARGET)
+    if cpu_form:  # the CPU deployment form: its runtime settings and saved optimized graph (engines/ort_cpu.py)
+        source = cpu_form_session_source(Path(source), options)
     # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights
     # and attention scores of each run): without it RSS stays flat (benchmarks/results/scale.md).
     options.enable_cpu_mem_arena = cpu_mem_arena
-    return ort.InferenceSession(source, options, providers=chosen)
+    session = ort.InferenceSession(source, options, providers=chosen)
+    if cpu_form:
+        publish_optimized_model(Path(model_path_or_proto))  # type: ignore[arg-type]
+    return session
+
+
+def build_target(folder: str | os.PathLike[str]) -> str | None:
+    """The ``target.name`` of the build folder holding a model, None outside a build folder."""
+    import json
+
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("target", {}).get("name")
+    except (OSError, ValueError):
+        return None

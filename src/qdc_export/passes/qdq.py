@@ -17,9 +17,11 @@ def _observer_nodes(gm: torch.fx.GraphModule) -> int:
                if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ObserverBase))
 
 
-def insert_observers(gm: torch.fx.GraphModule, plan: QuantizationPlan) -> tuple[PassResult, TensorRTStyleQuantizer]:
-    """Needs: an exported (pre-decomposition) graph. Guarantees: an observer per annotated input."""
-    quantizer = TensorRTStyleQuantizer(plan)
+def insert_observers(gm: torch.fx.GraphModule, plan: QuantizationPlan,
+                     quantizer: TensorRTStyleQuantizer | None = None) -> tuple[PassResult, TensorRTStyleQuantizer]:
+    """Needs: an exported (pre-decomposition) graph. Guarantees: an observer per annotated input (and output, with
+    the CPU form's quantizer). ``quantizer``: default the TensorRT-style one for ``plan``."""
+    quantizer = quantizer or TensorRTStyleQuantizer(plan)
     before = _observer_nodes(gm)
     prepared = prepare_pt2e(gm, quantizer)
     observers = _observer_nodes(prepared) - before

@@ -36,6 +36,7 @@ from diffusers.configuration_utils import FrozenDict
 
 from ..compensation import CompensationTables
 from ..engines.onnxruntime import OrtDenoiser
+from ..engines.select import denoiser_from_build
 from ..errors import UserError
 from ..manifest import read_manifest, verify_artifacts
 from ..plugins.base import TEXT_EMBEDS, TIME_IDS
@@ -93,7 +94,7 @@ class EngineUNet(torch.nn.Module):
         kinds = {"UNet2DModel": EngineUNet2DModel, "UNet2DConditionModel": EngineUNet2DConditionModel}
         if unet_class not in kinds:
             raise UserError(f"{build_dir}: no drop-in for a {unet_class} build")
-        engine = OrtDenoiser.from_path(build_dir / MODEL_FILE, provider=provider)
+        engine = denoiser_from_build(build_dir, provider)  # the runtime the manifest's target names
         return kinds[unet_class](build_dir, manifest, engine, scheduler=scheduler,
                                  allow_schedule_mismatch=allow_schedule_mismatch)
 
