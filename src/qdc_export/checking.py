@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from .check import ParityCase, ParityTolerances, run_parity
-from .engines.select import open_engine
+from .engines.select import open_engine as open_build_engine
 from .errors import UserError
 from .head_parity import check_head
 from .goldens import backend_runner, compare_against, save_goldens
@@ -99,7 +99,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
         return module
 
     def open_engine() -> Any:
-        session = open_engine(folder / "model.onnx", provider=provider, cpu_mem_arena=False)
+        session = open_build_engine(folder / "model.onnx", provider=provider, cpu_mem_arena=False)
         log_resident("check: ONNX Runtime session created")
         return session
 

@@ -26,7 +26,7 @@ import torch
 
 from .build import add_compensation, build_graph, io_description
 from .config import BuildConfig
-from .engines.onnxruntime import OrtDenoiser
+from .engines.select import denoiser_for_target
 from .errors import UserError
 from .export import export_onnx
 from .loading import LoadedModel, load_model
@@ -314,8 +314,8 @@ def evaluate_case(
             export_engine(graph[0], graph[1], model, config, folder)
         info = json.loads((folder / "engine.json").read_text())
         t2 = time.perf_counter()
-        actual = sample_latents(
-            OrtDenoiser.from_path(folder / "model.onnx"), model, case.scheduler, case.steps, seeds
+        actual = sample_latents(  # run as a build of config.target runs (engines/select.py)
+            denoiser_for_target(folder / "model.onnx", config.target), model, case.scheduler, case.steps, seeds
         )
         scores = compare(reference, actual)
         t3 = time.perf_counter()
@@ -327,6 +327,7 @@ def evaluate_case(
             "scheduler": case.scheduler,
             "steps": case.steps,
             "method": method,
+            **({"target": config.target} if config.target != "onnxruntime" else {}),
             **scores,
             "tables": _table_stats(folder),
             # the build's held-out check (tcec-default), None where the method ran without it

@@ -107,6 +107,7 @@ def create_session(
     optimization: Literal["disable", "basic", "extended", "all"] = "all",
     *,
     cpu_mem_arena: bool = True,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for an ONNX file or ModelProto, with the quirks above handled.
 
@@ -136,6 +137,8 @@ def create_session(
     # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights
     # and attention scores of each run): without it RSS stays flat (benchmarks/results/scale.md).
     options.enable_cpu_mem_arena = cpu_mem_arena
+    if threads:  # intra-op threads (None: ONNX Runtime's default, one per physical core)
+        options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(source, options, providers=chosen)
     if cpu_form:
         publish_optimized_model(Path(model_path_or_proto))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from typing import Any
 
 from .openvino import OPENVINO_TARGET, OvDenoiser, OvEngine, polygraphy_runner
 from .onnxruntime import OrtDenoiser
+from .ort_cpu import CPU_FORM_TARGET, cpu_form_session_source, publish_optimized_model
 from .providers import build_target, create_session
 
 MODEL_FILE = "model.onnx"
@@ -38,3 +39,25 @@ def runner_for(engine: Any) -> Any:
 
 def denoiser_from_build(build_dir: Path | str, provider: str = "cpu") -> Any:
     return denoiser_for(open_engine(Path(build_dir) / MODEL_FILE, provider))
+
+
+def denoiser_for_target(model_path: Path | str, target: str, provider: str = "cpu", threads: int | None = None) -> Any:
+    """A Denoiser for an ONNX file outside a build folder (the fidelity benchmark's cached engines) run the way a
+    build of ``target`` runs it."""
+    if target == OPENVINO_TARGET:
+        return OvDenoiser.from_path(model_path, provider, threads=threads)
+    if target == CPU_FORM_TARGET:
+        import onnx
+        import onnxruntime as ort
+
+        from .providers import make_session_options
+
+        path = Path(model_path)
+        options, providers = make_session_options(onnx.load(str(path), load_external_data=False), provider=provider)
+        if threads:
+            options.intra_op_num_threads = threads
+        source = cpu_form_session_source(path, options)
+        session = ort.InferenceSession(source, options, providers=providers)
+        publish_optimized_model(path)
+        return OrtDenoiser(session)
+    return OrtDenoiser(create_session(model_path, provider=provider, threads=threads))
