@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_speed_engines as E  # noqa: E402
+import engine_speed_engines as E
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ("digits-uncond", "digits-cond")
@@ -82,11 +80,11 @@ def measure_group(engines: list[E.Engine], model: Any, shapes: dict[str, list[in
                                                  "per_call": {}, "per_generation": {}} for e in engines}
     for batch in [int(b) for b in args.batches.split(",")]:
         feeds = {e.label: E.random_feeds(e.input_names, shapes, batch, timestep) for e in engines}
-        calls = {e.label: (lambda e=e: e.run(feeds[e.label])) for e in engines}
+        calls = {e.label: (lambda e=e, f=feeds: e.run(f[e.label])) for e in engines}
         for label, times in E.interleaved(calls, args.calls).items():
             rows[label]["per_call"][str(batch)] = E.spread(times)
         seeds = list(range(batch))
-        gens = {e.label: (lambda e=e: sample_latents(e.denoiser, model, "ddim", 20, seeds, batch=batch))
+        gens = {e.label: (lambda e=e, s=seeds, b=batch: sample_latents(e.denoiser, model, "ddim", 20, s, batch=b))
                 for e in engines}
         for label, times in E.interleaved(gens, args.generations, warmup=0).items():
             rows[label]["per_generation"][str(batch)] = E.spread(times)
@@ -161,12 +159,12 @@ def ratios(result: dict[str, Any]) -> None:
 def write_markdown(payload: dict[str, Any], path: Path) -> None:
     meta = payload["meta"]
     lines = ["# Engine speed on the CPU", "",
-             f"Command: `{meta['run']['command']}` (commit {meta['run']['git_commit']}, dirty "
+             (f"Command: `{meta['run']['command']}` (commit {meta['run']['git_commit']}, dirty "
              f"{meta['run']['git_dirty']}); threads {meta['threads']} (ONNX Runtime intra-op, OpenVINO, torch); "
              f"CPU: {meta['cpu']}. Per call: median of {meta['calls']} interleaved calls [p10, p90]; per generation: "
              f"DDIM 20, median of {meta['generations']} interleaved generations. Speed-up = ONNX Runtime FP32 median "
              "/ this median (same batch). openvino = f32 inference precision; openvino-bf16 = OpenVINO's default "
-             "hint on this CPU (bf16). PSNR: final image vs the FP model, DDIM 20 (bundled models).", ""]
+             "hint on this CPU (bf16). PSNR: final image vs the FP model, DDIM 20 (bundled models)."), ""]
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
         lines += [f"## {result['model']}", "", "| runtime / form | " + " | ".join(

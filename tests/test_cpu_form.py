@@ -15,8 +15,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from parity_assertions import assert_statistical_parity
+
 from qdc_export.check import summarize
 from qdc_export.config import BuildConfig
 from qdc_export.engines.ort_cpu import optimized_model_path
@@ -26,7 +26,7 @@ from qdc_export.manifest import read_manifest
 from qdc_export.metrics import error_stats
 
 # the head and its state I/O (TCEC m=1 is stateful); folded whatever the held-out check says on random weights
-COMPENSATED = dict(compensation="tcec", tcec_variant="m1-fitted", comp_validate=False)
+COMPENSATED = {"compensation": "tcec", "tcec_variant": "m1-fitted", "comp_validate": False}
 
 
 def _cpu_build(build_factory):
@@ -103,7 +103,7 @@ def test_cpu_form_refuses_other_precisions():
     with pytest.raises(UserError, match="onnxruntime-cpu takes w8a8"):
         BuildConfig(precision="w4a16", target="onnxruntime-cpu")
     proc = subprocess.run([sys.executable, "-m", "qdc_export.cli", "build", "tiny-unet2d", "--precision", "w4a8",
-                           "--target", "onnxruntime-cpu", "--out", "/nonexistent/x"], capture_output=True, text=True)
+                           "--target", "onnxruntime-cpu", "--out", "/nonexistent/x"], capture_output=True, text=True, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: --target onnxruntime-cpu takes w8a8"), proc.stderr
 

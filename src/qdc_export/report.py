@@ -42,6 +42,7 @@ from .calibrate import calibration_seeds
 from .compensation import CompensationTables
 from .config import BuildConfig
 from .engines.onnxruntime import OrtDenoiser
+from .engines.select import denoiser_from_build
 from .errors import OutputExistsError, UserError
 from .fidelity import evaluation_seeds, fp_denoiser, sample_latents
 from .loading import LoadedModel
@@ -367,7 +368,7 @@ def write_report(
     steps, sched_name = config.steps, config.scheduler
     engine_path = build_dir / MODEL_FILE
     reference = sample_latents(fp_denoiser(model), model, sched_name, steps, seeds)
-    engine = OrtDenoiser.from_path(engine_path)
+    engine = denoiser_from_build(build_dir)  # the runtime the manifest's target names (engines/select.py)
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
     compensation = manifest.get("compensation", {})
     method = "none" if compensation.get("rejected") else compensation.get("method", "none")  # not in the engine

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,10 @@ class OvEngine:
         path = Path(model_path)
         return cls(compile_model(path, cache_dir=path.parent / CACHE_DIR if cache else None,
                                  precision_hint=precision_hint, threads=threads))
+
+    def get_inputs(self) -> list[Any]:
+        """Inputs with a ``name``, as an ONNX Runtime session lists them (OrtDenoiser-based wrappers read this)."""
+        return [SimpleNamespace(name=name) for name in self.input_names]
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})

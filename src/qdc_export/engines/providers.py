@@ -17,9 +17,8 @@ Quirks (measured with onnxruntime 1.32 on CPU, see docs/probe-notes.md):
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
-
 from pathlib import Path
+from typing import Any, Literal
 
 import onnx
 import onnxruntime as ort

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .openvino import OPENVINO_TARGET, OvDenoiser, OvEngine, polygraphy_runner
 from .onnxruntime import OrtDenoiser
+from .openvino import OPENVINO_TARGET, OvDenoiser, OvEngine, polygraphy_runner
 from .ort_cpu import CPU_FORM_TARGET, cpu_form_session_source, publish_optimized_model
 from .providers import build_target, create_session
 
