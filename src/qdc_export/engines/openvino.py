@@ -26,7 +26,26 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
+from ..plugins.base import (
+    COMP_STATE,
+    COMP_STATE_OUT,
+    ENCODER_HIDDEN_STATES,
+    NOISE_PRED,
+    SAMPLE,
+    TEXT_EMBEDS,
+    TIME_IDS,
+    TIMESTEP,
+)
+
+# the engine interface's names: a port can carry several tensor names (an input that is also a node's output
+# name after OpenVINO's graph rewrites, e.g. {"timestep", "mul_1"}), so ports are named by these first
+INTERFACE_NAMES = frozenset({SAMPLE, TIMESTEP, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS, COMP_STATE, NOISE_PRED,
+                             COMP_STATE_OUT})
+
+
+def port_name(port: Any) -> str:
+    names = sorted(port.get_names())
+    return next((n for n in names if n in INTERFACE_NAMES), port.get_any_name())
 
 OPENVINO_TARGET = "openvino"
 CACHE_DIR = "ov_cache"
@@ -69,8 +88,8 @@ class OvEngine:
     def __init__(self, compiled: Any) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self.input_names = [i.get_any_name() for i in compiled.inputs]
-        self.output_names = [o.get_any_name() for o in compiled.outputs]
+        self.input_names = [port_name(i) for i in compiled.inputs]
+        self.output_names = [port_name(o) for o in compiled.outputs]
 
     @classmethod
     def from_path(cls, model_path: Path | str, *, precision_hint: str = "f32", threads: int | None = None,
@@ -84,9 +103,10 @@ class OvEngine:
         return [SimpleNamespace(name=name) for name in self.input_names]
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        ports = dict(zip(self.input_names, self.compiled.inputs))
+        result = self.request.infer({ports[k]: np.ascontiguousarray(v) for k, v in feeds.items()})
         names = output_names or self.output_names
-        by_name = {o.get_any_name(): result[o] for o in self.compiled.outputs}
+        by_name = {name: result[o] for name, o in zip(self.output_names, self.compiled.outputs)}
         return [np.array(by_name[n], copy=True) for n in names]
 
 
@@ -143,7 +163,7 @@ def polygraphy_runner(engine: OvEngine, name: str = "openvino") -> Any:
             meta = TensorMetadata()
             for port in engine.compiled.inputs:
                 shape = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
-                meta.add(port.get_any_name(), np.float32, shape)
+                meta.add(port_name(port), np.float32, shape)
             return meta
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
