@@ -249,7 +249,9 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     # 3. the engine on the same feeds (Polygraphy), then its own trajectory
     session = case.open_engine()
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
-        results = Comparator.run([runner_for(session)], data_loader=recorder.feeds)
+        runner = runner_for(session)
+        runner_name = runner.name
+        results = Comparator.run([runner], data_loader=recorder.feeds)
     results = RunResults([(REFERENCE_RUNNER, torch_iters), *results.items()])
     ort_iters = list(results.values())[1]
     per_step = [error_stats(a[NOISE_PRED], b[NOISE_PRED]) for a, b in zip(torch_iters, ort_iters)]
@@ -281,6 +283,7 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
             "min_cosine": min(s["cosine"] for s in per_step),
         },
         "polygraphy_passed": all(step_passed),
+        "engine_runtime": runner_name,  # the "onnxruntime" keys below hold this runtime's numbers
     }
     passed = all(step_passed)
     if floor is not None and fp_images is not None:  # snr_req / cos_req are the per-step thresholds above
@@ -310,6 +313,9 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     return ParityRun(report, recorder.feeds, results)
 
 
+_RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
 def summarize(report: dict[str, Any]) -> str:
     w = report["worst"]
     tol = report["tolerances"]
@@ -318,11 +324,12 @@ def summarize(report: dict[str, Any]) -> str:
                 f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
     else:
         t, floor = report["trajectory"], report["noise_floor"]
+        engine = _RUNTIME_LABELS.get(report.get("engine_runtime"), "ONNX Runtime")
         line = (f"quantized parity: per-step SNR min {w['min_snr_db']:.1f} dB (required >= "
                 f"{min(floor['required_snr_db']):.1f}: {tol['step_min_snr_db']} or the reference's own noise floor "
                 f"{min(floor['per_step_snr_db']):.1f} - {tol['noise_floor_margin_db']}), cosine min "
                 f"{w['min_cosine']:.5f} (>= {min(floor['required_cosine']):.5f}); final-image PSNR vs FP: "
-                f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, ONNX Runtime {t['mean_psnr_onnxruntime_db']:.2f} dB, "
+                f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, {engine} {t['mean_psnr_onnxruntime_db']:.2f} dB, "
                 f"gap {t['gap_db']:.2f} dB (<= {t['allowed_gap_db']:.2f}: {tol['trajectory_psnr_margin_db']} + noisy "
                 f"reference's own {t['noisy_reference_gap_db']:.2f}); max abs {w['max_abs']:.3g} "
                 f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
