@@ -164,18 +164,22 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
              f"CPU: {meta['cpu']}. Per call: median of {meta['calls']} interleaved calls [p10, p90]; per generation: "
              f"DDIM 20, median of {meta['generations']} interleaved generations. Speed-up = ONNX Runtime FP32 median "
              "/ this median (same batch). openvino = f32 inference precision; openvino-bf16 = OpenVINO's default "
-             "hint on this CPU (bf16). PSNR: final image vs the FP model, DDIM 20 (bundled models)."), ""]
+             "hint on this CPU (bf16). Forms: reference = the onnxruntime form (TensorRT-style Q/DQ on inputs; "
+              "openvino / reference is what `--target openvino` builds run), cpu = `--target onnxruntime-cpu`, "
+              "tensorrt = `--target tensorrt` (FP16 network), nncf-int8 = NNCF PTQ of the FP32 ONNX. PSNR: final "
+              "image vs the FP model, DDIM 20 (bundled models; the builds' default compensation)."), ""]
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
         lines += [f"## {result['model']}", "", "| runtime / form | " + " | ".join(
-            f"call b{b} ms | x ORT FP32 | x OV FP32 | gen b{b} s" for b in batches) + " | PSNR dB | kernels |",
-            "|---|" + "---:|---:|---:|---:|" * len(batches) + "---:|---|"]
+            f"call b{b} ms | x ORT FP32 | x OV FP32 | x OV bf16 | gen b{b} s" for b in batches)
+            + " | PSNR dB | kernels |", "|---|" + "---:|---:|---:|---:|---:|" * len(batches) + "---:|---|"]
         for row in result["rows"]:
             cells = []
             for b in batches:
                 c, g, s = row["per_call"][b], row["per_generation"][b], row["speedup"][b]
                 cells.append(f"{c['median_ms']:.1f} [{c['p10_ms']:.1f}, {c['p90_ms']:.1f}] | "
                              f"{s.get('vs_ort_fp32', float('nan')):.2f} | {s.get('vs_ov_fp32', float('nan')):.2f} | "
+                             f"{s.get('vs_ov_bf16', float('nan')):.2f} | "
                              f"{g['median_ms'] / 1e3:.2f}")
             psnr = row.get("fidelity", {}).get("psnr_db_mean")
             kernels = ", ".join(f"{k} {v}" for k, v in row["kernels"].items())
