@@ -25,31 +25,46 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMS: dict[str, list[str]] = {
-    "fp32": ["--precision", "fp32"],
-    "reference": ["--precision", "w8a8"],
-    "cpu": ["--precision", "w8a8", "--target", "onnxruntime-cpu"],
-    "tensorrt": ["--precision", "w8a8", "--target", "tensorrt"],
+FORMS: dict[str, dict[str, Any]] = {  # BuildConfig fields of each form
+    "fp32": {"precision": "fp32"},
+    "reference": {"precision": "w8a8"},
+    "cpu": {"precision": "w8a8", "target": "onnxruntime-cpu"},
+    "tensorrt": {"precision": "w8a8", "target": "tensorrt"},
 }
+# one build in a fresh process: the library call of `qdc-export build`, without report.html (at SD 1.5 size the
+# report's FP and engine sampling would take longer than the build)
+_BUILD_SCRIPT = """
+import json, sys
+from pathlib import Path
+from qdc_export.cli import _quiet_third_party
+_quiet_third_party()
+from qdc_export.build import build
+from qdc_export.config import BuildConfig
+model, fields, out, check = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1"
+result = build(model, BuildConfig(**fields), out, force=True, run_check=check, write_report=False)
+if result.parity and not result.parity["passed"]:
+    sys.exit("parity check failed")
+"""
 NNCF_SUBSET = 200  # optimum-intel's num_samples default for diffusion models
 
 
-def build_form(model: str, form: str, cache: Path, extra: list[str], check: bool, log: Callable[[str], None]) -> Path:
-    """The build folder of ``form`` (a fresh ``qdc-export build`` process when not cached: the memory of one build
-    is returned to the system before the next)."""
+def build_form(model: str, form: str, cache: Path, extra: dict[str, Any], check: bool,
+               log: Callable[[str], None]) -> Path:
+    """The build folder of ``form`` (a fresh process when not cached: the memory of one build is returned to the
+    system before the next). ``extra``: BuildConfig fields on top of the form's."""
     from qdc_export.provenance import source_hash
 
-    args = FORMS[form] + extra + ([] if check else ["--no-check"])
-    key = hashlib.sha256(json.dumps([model, args, source_hash()]).encode()).hexdigest()[:12]
+    fields = {**FORMS[form], **extra}
+    key = hashlib.sha256(json.dumps([model, fields, check, source_hash()], sort_keys=True).encode()).hexdigest()[:12]
     out = cache / "builds" / f"{model}-{form}-{key}"
     if (out / "manifest.json").is_file():
         return out
-    command = [sys.executable, "-m", "qdc_export.cli", "build", model, *args, "--out", str(out), "--force"]
-    log(f"  building {model} {form}: {' '.join(command[3:])}")
+    command = [sys.executable, "-c", _BUILD_SCRIPT, model, json.dumps(fields), str(out), "1" if check else "0"]
+    log(f"  building {model} {form}: {json.dumps(fields)}, parity check {'on' if check else 'off'}")
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"build {model} {form} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"build {model} {form} failed: {done.stderr.strip().splitlines()[-3:]}")
     log(f"  built in {time.perf_counter() - start:.0f} s")
     return out
 
