@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target", default="onnxruntime",
+                   help="deployment form whose engine is scored: onnxruntime, onnxruntime-cpu, openvino (rows say so)")
     p.add_argument("--quick", action="store_true", help="16 images, DDIM 20, methods none and tcec-m0")
     p.add_argument("--fresh", action="store_true", help="do not merge into an existing fidelity.json")
     p.add_argument(
@@ -66,10 +68,14 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()).get("rows", [])
 
 
+def _row_key(r: dict[str, Any]) -> tuple:
+    return (*(r[k] for k in ROW_KEY), r.get("target", "onnxruntime"))
+
+
 def merge(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keyed = {tuple(r[k] for k in ROW_KEY): r for r in rows}
+    keyed = {_row_key(r): r for r in rows}
     for r in new:
-        keyed[tuple(r[k] for k in ROW_KEY)] = r
+        keyed[_row_key(r)] = r
     return list(keyed.values())
 
 
@@ -138,18 +144,18 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any])
         "|---|---|---|---|---|---|---|---|",
     ]
     none = {
-        (r["model"], r.get("model_fingerprint"), r["precision"], r["sampler"]): r
+        (r["model"], r.get("model_fingerprint"), r["precision"], r["sampler"], r.get("target")): r
         for r in rows
         if r["method"] == "none"
     }
     for r in _order(rows):
         p, s = r["psnr_db"], r["ssim"]
-        base = none.get((r["model"], r.get("model_fingerprint"), r["precision"], r["sampler"]))
+        base = none.get((r["model"], r.get("model_fingerprint"), r["precision"], r["sampler"], r.get("target")))
         weights = r.get("model_fingerprint", "?")[:8]
         gain, sem = paired_gain(r, base)
         delta = "" if r["method"] == "none" or math.isnan(gain) else f"{gain:+.2f} +- {sem:.2f}"
         lines.append(
-            f"| {r['model']} `{weights}` | {r['precision']} | {r['sampler']} | {r['method']} | {_db(p['mean'])} +- "
+            f"| {r['model']} `{weights}` | {r['precision']}{' @ ' + r['target'] if r.get('target') else ''} | {r['sampler']} | {r['method']} | {_db(p['mean'])} +- "
             f"{p['std']:.2f} ({_db(p['min'])}) | {delta} | {s['mean']:.4f} ({s['min']:.4f}) | "
             f"{r['final_latent_rel_error']:.3e} |"
         )
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                         methods,
                         num_images=args.num_images,
                         cache_dir=args.cache,
-                        base_config=BuildConfig(calib_samples=args.calib_samples),
+                        base_config=BuildConfig(calib_samples=args.calib_samples, target=args.target),
                         model=model,
                         progress=lambda line: print(line, flush=True),
                     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from qdc_export.config import TARGETS
 from qdc_export.errors import UserError
 from qdc_export.precision import PRECISIONS
 
@@ -101,7 +102,8 @@ def main() -> None:
 @click.option("--comp-validate/--no-comp-validate", default=True, show_default=True,
               help="fold the tables only if their PSNR gain vs FP on >= 16 held-out seeds (every class) exceeds its "
                    "standard error")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime",
+              show_default=True, help="onnxruntime-cpu: W8A8 with integer CPU kernels; openvino: OpenVINO runs it (docs/cpu.md)")
 @click.option("--trt-batch-range", default="1:2:8", show_default=True,
               help="TensorRT optimization profile batch MIN:OPT:MAX (--target tensorrt)")
 @click.option("--trt-float", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True,

@@ -15,7 +15,7 @@ SCHEDULERS = ("ddim", "ddpm", "euler", "dpmsolver++")
 OBSERVERS = ("minmax", "percentile", "mse")
 COMPENSATIONS = ("none", "tcec", "ptqd", "tac")
 TCEC_VARIANTS = ("m0", "m1-analytic", "m1-fitted")
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "onnxruntime-cpu", "openvino")
 # Seed sets (tests/test_seeds.py checks they are disjoint at these maxima): calibration, compensation-fit and
 # held-out seeds are blocks of 1000 per --seed from 100 000 on (calibrate.calibration_seeds; the fit and held-out
 # blocks are --seed + 7 and + 13), parity seeds 50 000 + i, evaluation seeds 0..N-1.
@@ -97,6 +97,12 @@ class BuildConfig:
         refusal = plan.runs_on_tensorrt()
         if refusal and self.target == "tensorrt":
             raise UserError(refusal)
+        # CPU deployment forms (docs/cpu.md): W8A8 with quantized Conv outputs for ONNX Runtime's integer kernels,
+        # and the onnxruntime form's ONNX run by OpenVINO (FP32 or W8A8)
+        if self.target == "onnxruntime-cpu" and not (plan.weight_bits == 8 and plan.static_activation_bits == 8):
+            raise UserError(f"--target onnxruntime-cpu takes w8a8, not {self.precision} (docs/cpu.md)")
+        if self.target == "openvino" and plan.weight_bits not in (None, 8):
+            raise UserError(f"--target openvino takes fp32 or w8a8, not {self.precision} (docs/cpu.md)")
         _check_choice("--trt-float", self.trt_float, TRT_FLOAT_TYPES)
         _check_choice("--trt-conv", self.trt_conv, TRT_CONV_MODES)
         if self.trt_float == "bf16":  # measured: onnx.checker rejects Conv(tensor(bfloat16)) at opset 21

@@ -12,8 +12,8 @@ import torch
 from qdc_export.check.goldens import compare_against, save_goldens
 from qdc_export.check.head import check_head
 from qdc_export.check.parity import ParityCase, ParityTolerances, run_parity
-from qdc_export.engines.providers import create_session
 from qdc_export.engines.runners import backend_runner
+from qdc_export.engines.select import open_engine as open_build_engine
 from qdc_export.errors import UserError
 from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.load.models import LoadedModel, load_model
@@ -102,7 +102,7 @@ def check_build(folder: Path, *, model: LoadedModel | None = None, seeds: list[i
         return module
 
     def open_engine() -> Any:
-        session = create_session(folder / "model.onnx", provider=provider, cpu_mem_arena=False)
+        session = open_build_engine(folder / "model.onnx", provider=provider, cpu_mem_arena=False)
         log_resident("check: ONNX Runtime session created")
         return session
 

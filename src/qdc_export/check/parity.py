@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
 from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
 from polygraphy.logger import G_LOGGER
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.engines.select import denoiser_for, runner_for
 from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
 from qdc_export.metrics import error_stats, psnr
@@ -248,7 +247,9 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     # 3. the engine on the same feeds (Polygraphy), then its own trajectory
     session = case.open_engine()
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # per-iteration logs go to the JSON report instead
-        results = Comparator.run([OnnxrtRunner(session, name="onnxruntime")], data_loader=recorder.feeds)
+        runner = runner_for(session)
+        runner_name = runner.name
+        results = Comparator.run([runner], data_loader=recorder.feeds)
     results = RunResults([(REFERENCE_RUNNER, torch_iters), *results.items()])
     ort_iters = list(results.values())[1]
     per_step = [error_stats(a[NOISE_PRED], b[NOISE_PRED]) for a, b in zip(torch_iters, ort_iters)]
@@ -280,12 +281,13 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
             "min_cosine": min(s["cosine"] for s in per_step),
         },
         "polygraphy_passed": all(step_passed),
+        "engine_runtime": runner_name,  # the "onnxruntime" keys below hold this runtime's numbers
     }
     passed = all(step_passed)
     if floor is not None and fp_images is not None:  # snr_req / cos_req are the per-step thresholds above
         report["noise_floor"] = {**floor, "required_snr_db": snr_req, "required_cosine": cos_req,
                                  "step_passed": step_passed}
-        ort_final = _trajectories(case, seeds, OrtDenoiser(session)).final
+        ort_final = _trajectories(case, seeds, denoiser_for(session)).final
         psnr_ref = _psnr_vs_fp(fp_images, ref_traj.final)
         psnr_ort = _psnr_vs_fp(fp_images, ort_final)
         gap = abs(float(psnr_ort.mean()) - float(psnr_ref.mean()))
@@ -309,6 +311,9 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     return ParityRun(report, recorder.feeds, results)
 
 
+_RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
 def summarize(report: dict[str, Any]) -> str:
     w = report["worst"]
     tol = report["tolerances"]
@@ -317,11 +322,12 @@ def summarize(report: dict[str, Any]) -> str:
                 f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
     else:
         t, floor = report["trajectory"], report["noise_floor"]
+        engine = _RUNTIME_LABELS.get(report.get("engine_runtime"), "ONNX Runtime")
         line = (f"quantized parity: per-step SNR min {w['min_snr_db']:.1f} dB (required >= "
                 f"{min(floor['required_snr_db']):.1f}: {tol['step_min_snr_db']} or the reference's own noise floor "
                 f"{min(floor['per_step_snr_db']):.1f} - {tol['noise_floor_margin_db']}), cosine min "
                 f"{w['min_cosine']:.5f} (>= {min(floor['required_cosine']):.5f}); final-image PSNR vs FP: "
-                f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, ONNX Runtime {t['mean_psnr_onnxruntime_db']:.2f} dB, "
+                f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, {engine} {t['mean_psnr_onnxruntime_db']:.2f} dB, "
                 f"gap {t['gap_db']:.2f} dB (<= {t['allowed_gap_db']:.2f}: {tol['trajectory_psnr_margin_db']} + noisy "
                 f"reference's own {t['noisy_reference_gap_db']:.2f}); max abs {w['max_abs']:.3g} "
                 f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")

@@ -17,11 +17,13 @@ Quirks (measured with onnxruntime 1.32 on CPU, see docs/runtime-notes.md):
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import onnx
 import onnxruntime as ort
 
+from qdc_export.engines.ort_cpu import CPU_FORM_TARGET, cpu_form_session_source, publish_optimized_model
 from qdc_export.errors import UserError
 
 __all__ = ["PROVIDERS", "create_session", "make_session_options"]
@@ -103,6 +105,7 @@ def create_session(
     optimization: Literal["disable", "basic", "extended", "all"] = "all",
     *,
     cpu_mem_arena: bool = True,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for an ONNX file or ModelProto, with the quirks above handled.
 
@@ -128,7 +131,28 @@ def create_session(
         from qdc_export.engines.ort_tensorrt import tensorrt_provider_options
 
         chosen[0] = (providers[0], tensorrt_provider_options(Path(folder)))
+    cpu_form = (providers[0] == PROVIDERS["cpu"] and folder is not None and build_target(folder) == CPU_FORM_TARGET)
+    if cpu_form:  # the CPU deployment form: its runtime settings and saved optimized graph (engines/ort_cpu.py)
+        source = cpu_form_session_source(Path(source), options)
     # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights
     # and attention scores of each run): without it RSS stays flat (benchmarks/results/scale.md).
     options.enable_cpu_mem_arena = cpu_mem_arena
-    return ort.InferenceSession(source, options, providers=chosen)
+    if threads:  # intra-op threads (None: ONNX Runtime's default, one per physical core)
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(source, options, providers=chosen)
+    if cpu_form:
+        publish_optimized_model(Path(model_path_or_proto))  # type: ignore[arg-type]
+    return session
+
+
+def build_target(folder: str | os.PathLike[str]) -> str | None:
+    """The ``target.name`` of the build folder holding a model, None outside a build folder."""
+    import json
+
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("target", {}).get("name")
+    except (OSError, ValueError):
+        return None

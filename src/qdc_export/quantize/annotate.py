@@ -36,6 +36,9 @@ class QuantizationPlan:
     float_layers: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     module_prefix: str = "unet."
+    # Q/DQ layout: "tensorrt" (inputs of Conv/Linear only; TensorRT fuses the rest) or "onnxruntime-cpu" (Conv
+    # outputs too, UINT8 activations: ONNX Runtime's integer kernels, quantize.annotate_cpu)
+    layout: str = "tensorrt"
 
 
 def layer_name(node: torch.fx.Node, prefix: str) -> str | None:

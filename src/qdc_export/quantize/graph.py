@@ -29,6 +29,7 @@ def quantization_plan(config: BuildConfig, model: LoadedModel) -> QuantizationPl
         weight_bits=config.plan.weight_bits or 8, activation_bits=config.plan.static_activation_bits,
         observer=config.observer, percentile=config.percentile,
         quantize_attention=config.quantize_attention, float_layers=excluded, include=config.include,
+        layout="onnxruntime-cpu" if config.target == "onnxruntime-cpu" else "tensorrt",
     )
 
 

@@ -11,6 +11,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from qdc_export.passes import PassLog, PassResult, count_targets, require
 from qdc_export.quantize.annotate import QuantizationPlan, TensorRTStyleQuantizer
+from qdc_export.quantize.annotate_cpu import cpu_form_quantizer
 
 _Q = "quantized_decomposed.quantize_per_tensor.default"
 
@@ -22,7 +23,7 @@ def _observer_nodes(gm: torch.fx.GraphModule) -> int:
 
 def insert_observers_(gm: torch.fx.GraphModule, plan: QuantizationPlan) -> PassResult:
     """Needs: an exported (pre-decomposition) graph. Guarantees: an observer per annotated input."""
-    quantizer = TensorRTStyleQuantizer(plan)
+    quantizer = cpu_form_quantizer(plan) if plan.layout == "onnxruntime-cpu" else TensorRTStyleQuantizer(plan)
     before = _observer_nodes(gm)
     prepared = prepare_pt2e(gm, quantizer)
     observers = _observer_nodes(prepared) - before

@@ -26,7 +26,7 @@ import torch
 
 from qdc_export.compensation.stage import add_compensation
 from qdc_export.config import BuildConfig
-from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.engines.select import denoiser_for_target
 from qdc_export.errors import UserError
 from qdc_export.export.to_onnx import export_onnx
 from qdc_export.infra.provenance import source_hash
@@ -320,8 +320,8 @@ def evaluate_case(
             export_engine(graph[0], graph[1], model, config, folder)
         info = json.loads((folder / "engine.json").read_text())
         t2 = time.perf_counter()
-        actual = sample_latents(
-            OrtDenoiser.from_path(folder / "model.onnx"), model, case.scheduler, case.steps, seeds
+        actual = sample_latents(  # run as a build of config.target runs (engines/select.py)
+            denoiser_for_target(folder / "model.onnx", config.target), model, case.scheduler, case.steps, seeds
         )
         scores = compare(reference, actual)
         t3 = time.perf_counter()
@@ -333,6 +333,7 @@ def evaluate_case(
             "scheduler": case.scheduler,
             "steps": case.steps,
             "method": method,
+            **({"target": config.target} if config.target != "onnxruntime" else {}),
             **scores,
             "tables": _table_stats(folder),
             # the build's held-out check (tcec-default), None where the method ran without it

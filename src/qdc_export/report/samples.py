@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.engines.select import denoiser_from_build
 from qdc_export.errors import OutputExistsError
 from qdc_export.load.models import conditioning_from_build
 from qdc_export.manifest import read_manifest, verify_artifacts
@@ -32,7 +32,7 @@ def sample_build(build_dir: Path, *, seeds: list[int], out: Path, provider: str 
     if clashes and not force:
         raise OutputExistsError(f"{clashes[0]} exists ({len(clashes)} images would be overwritten); pass --force")
     conditioning = conditioning_from_build(build_dir, manifest)
-    denoiser = OrtDenoiser.from_path(build_dir / "model.onnx", provider=provider)
+    denoiser = denoiser_from_build(build_dir, provider)
     scheduler = make_scheduler(manifest["scheduler"]["name"], manifest["scheduler"]["config"])
     shape = tuple(manifest["io"]["inputs"][0]["shape"][1:])
     out.mkdir(parents=True, exist_ok=True)

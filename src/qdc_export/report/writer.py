@@ -32,10 +32,11 @@ import torch
 from qdc_export.compensation import CompensationTables
 from qdc_export.config import BuildConfig
 from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.engines.select import denoiser_from_build
 from qdc_export.errors import OutputExistsError, UserError
 from qdc_export.load.models import LoadedModel
 from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
-from qdc_export.manifest import COMPENSATION_DIR, MODEL_FILE, PARITY_FILE, read_manifest, verify_artifacts
+from qdc_export.manifest import COMPENSATION_DIR, PARITY_FILE, read_manifest, verify_artifacts
 from qdc_export.metrics import psnr, relative_latent_error
 from qdc_export.report.fidelity import evaluation_seeds, fp_denoiser, sample_latents
 from qdc_export.report.figures import WORST_LAYERS, image_grid, plot_error_curves, plot_sensitivity
@@ -119,9 +120,8 @@ def write_report(
     model = model or model_for_build(manifest)
     seeds = evaluation_seeds(num)
     steps, sched_name = config.steps, config.scheduler
-    engine_path = build_dir / MODEL_FILE
     reference = sample_latents(fp_denoiser(model), model, sched_name, steps, seeds)
-    engine = OrtDenoiser.from_path(engine_path)
+    engine = denoiser_from_build(build_dir)  # the runtime the manifest's target names (engines/select.py)
     built_latents = sample_latents(engine, model, sched_name, steps, seeds)
     compensation = manifest.get("compensation", {})
     method = "none" if compensation.get("rejected") else compensation.get("method", "none")  # not in the engine

@@ -36,6 +36,7 @@ from diffusers.configuration_utils import FrozenDict
 
 from qdc_export.compensation import CompensationTables
 from qdc_export.engines.onnxruntime import OrtDenoiser
+from qdc_export.engines.select import denoiser_from_build
 from qdc_export.errors import UserError
 from qdc_export.load.plugins.base import TEXT_EMBEDS, TIME_IDS
 from qdc_export.manifest import read_manifest, verify_artifacts
@@ -98,7 +99,7 @@ class EngineUNet(torch.nn.Module):
         kinds = {"UNet2DModel": EngineUNet2DModel, "UNet2DConditionModel": EngineUNet2DConditionModel}
         if unet_class not in kinds:
             raise UserError(f"{build_dir}: no drop-in for a {unet_class} build")
-        engine = OrtDenoiser.from_path(build_dir / MODEL_FILE, provider=provider)
+        engine = denoiser_from_build(build_dir, provider)  # the runtime the manifest's target names
         return kinds[unet_class](build_dir, manifest, engine, scheduler=scheduler,
                                  allow_schedule_mismatch=allow_schedule_mismatch)
 

@@ -1,0 +1,112 @@
+"""Annotation of the CPU deployment form (``--target onnxruntime-cpu``, docs/cpu.md).
+
+The TensorRT-style annotation (:mod:`qdc_export.quantize.annotate`) quantizes only the *inputs* of Conv and
+Linear (INT8 symmetric): ``DQ(x), DQ(W) -> Conv``. ONNX Runtime's CPU kernels need more (measured with
+onnxruntime 1.32, docs/cpu.md):
+
+* Conv: ``DQ(x), DQ(W) -> Conv -> Q(y)`` becomes QLinearConv only with the *output* quantized; with inputs only
+  it stays DQ + float Conv. So every quantized Conv also gets an ``output_qspec``: y = DQ(Q(y)) in the PyTorch
+  reference graph and in the ONNX file alike, and the parity check judges the form against its own graph.
+* Linear: on 3-D inputs the exporter writes ``MatMul -> Add(bias)``, so a Q after the Linear never follows the
+  MatMul; ``DQ(x_u8), DQ(W) -> MatMul`` becomes MatMulIntegerToFloat without it. Linear outputs stay float
+  (quantizing them cost fidelity and bought no kernel).
+* Activations UINT8 affine (U8S8): with INT8 activations ONNX Runtime fused nothing (its S8 -> U8 rewrite is
+  the optimizer disabled for the opset-21 quirk, engines/providers.py).
+
+Ranges: Conv/Linear inputs take the build's observer, two-sided for the affine type
+(:class:`AsymmetricPercentileObserver` for ``percentile``); Conv outputs take min/max (no clipping: they feed
+the residual stream, where clipped outliers cost more than resolution; measured on digits-uncond). Weights stay
+INT8 symmetric per output channel."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torchao.quantization.pt2e import MinMaxObserver
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+
+from qdc_export.quantize.annotate import ANNOTATION_KEY, QuantizationPlan, TensorRTStyleQuantizer
+from qdc_export.quantize.observers import _MAX_SAMPLE, activation_observer
+
+ACTIVATION_DTYPES = ("uint8", "int8")
+
+
+def cpu_activation_spec(plan: QuantizationPlan, activation_dtype: str, asymmetric: bool = False) -> QuantizationSpec:
+    """INT8 symmetric (zero point 0) or UINT8 affine over the same observer's range (``asymmetric``: the
+    percentile observer's range from both tails instead of +-amax)."""
+    observer = activation_observer(plan.observer, plan.percentile)
+    if asymmetric and activation_dtype == "uint8" and plan.observer == "percentile":
+        observer = AsymmetricPercentileObserver.with_args(eps=2**-12, percentile=plan.percentile)
+    if activation_dtype == "int8":
+        return QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
+                                is_dynamic=False, observer_or_fake_quant_ctr=observer)
+    if activation_dtype == "uint8":
+        return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+                                is_dynamic=False, observer_or_fake_quant_ctr=observer)
+    raise ValueError(f"unknown activation dtype {activation_dtype!r}; expected one of {ACTIVATION_DTYPES}")
+
+
+class CpuFormQuantizer(TensorRTStyleQuantizer):
+    """Inputs and weights of each quantized Conv/Linear, outputs of ``output_ops`` (default: Conv), 8-bit only.
+    ``output_observer``: "minmax", or None for the inputs' observer."""
+
+    def __init__(self, plan: QuantizationPlan, activation_dtype: str = "uint8", asymmetric: bool = False,
+                 output_ops: tuple = (torch.ops.aten.conv2d.default,), output_observer: str | None = "minmax") -> None:
+        super().__init__(plan)
+        if plan.activation_bits != 8 or plan.weight_bits != 8:
+            raise ValueError("the CPU form is W8A8: 8-bit weights and activations")
+        self.activation_dtype = activation_dtype
+        self.asymmetric = asymmetric
+        self.output_ops = tuple(output_ops)
+        self.output_observer = output_observer
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        super().annotate(model)
+        act = cpu_activation_spec(self.plan, self.activation_dtype, self.asymmetric)
+        out_act = act
+        if self.output_observer == "minmax":
+            out_act = QuantizationSpec(dtype=act.dtype, quant_min=act.quant_min, quant_max=act.quant_max,
+                                       qscheme=act.qscheme, is_dynamic=False,
+                                       observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        for node in model.graph.nodes:
+            annotation = node.meta.get(ANNOTATION_KEY)
+            if annotation is None:
+                continue
+            # every annotated activation (conv/linear input, attention inputs) takes the form's type; weights keep theirs
+            qspecs = {arg: (spec if arg is node.args[1] and len(node.args) > 1 and spec.dtype == torch.int8
+                            and spec.qscheme == torch.per_channel_symmetric else act)
+                      for arg, spec in annotation.input_qspec_map.items()}
+            output = out_act if node.target in self.output_ops else None
+            node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qspecs, output_qspec=output,
+                                                               _annotated=True)
+        return model
+
+
+CPU_FORM_ACTIVATION_DTYPE = "uint8"  # U8S8: S8S8 did not fuse on ONNX Runtime's x86 CPU provider (docs/cpu.md)
+
+
+def cpu_form_quantizer(plan: QuantizationPlan) -> CpuFormQuantizer:
+    """The form's layout: UINT8 inputs (two-sided ranges), Conv outputs UINT8 min/max, Linear outputs float."""
+    return CpuFormQuantizer(plan, CPU_FORM_ACTIVATION_DTYPE, asymmetric=True)
+
+
+class AsymmetricPercentileObserver(MinMaxObserver):
+    """Per call the p-th percentile of x and the (100 - p)-th, collapsed by max / min over calls: the percentile
+    observer's outlier rule for an affine (UINT8) range, which a one-sided activation fills on one side only."""
+
+    def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.percentile = percentile
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        flat = x_orig.detach().float().flatten()
+        if flat.numel() > _MAX_SAMPLE:
+            flat = flat[:: flat.numel() // _MAX_SAMPLE + 1]
+        n = flat.numel()
+        hi = flat.kthvalue(max(1, min(n, round(n * self.percentile / 100.0)))).values
+        lo = flat.kthvalue(max(1, min(n, round(n * (100.0 - self.percentile) / 100.0) + 1))).values
+        self.min_val.copy_(torch.minimum(self.min_val, torch.minimum(lo, torch.zeros_like(lo))))
+        self.max_val.copy_(torch.maximum(self.max_val, torch.maximum(hi, torch.zeros_like(hi))))
+        return x_orig
