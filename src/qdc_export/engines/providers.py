@@ -126,8 +126,6 @@ def create_session(
     chosen: list[Any] = list(providers)
     folder = None if isinstance(model_path_or_proto, onnx.ModelProto) else os.path.dirname(os.fspath(source))
     if providers[0] == PROVIDERS["tensorrt"] and folder and os.path.isfile(os.path.join(folder, "manifest.json")):
-        from pathlib import Path
-
         from qdc_export.engines.ort_tensorrt import tensorrt_provider_options
 
         chosen[0] = (providers[0], tensorrt_provider_options(Path(folder)))
