@@ -284,7 +284,40 @@ def block_scale() -> str:
     return "\n".join(lines)
 
 
+def block_engine_speed() -> str:
+    """The lead of the results: each CPU engine's speed against FP32 on both runtimes, with its fidelity."""
+    payload = _json(RESULTS / "engine_speed.json")
+    meta = payload["meta"]
+    lines = [f"Speed on this CPU ({meta['cpu']}, {meta['threads']} threads), per engine call, median of "
+             f"{meta['calls']} interleaved calls, against ONNX Runtime FP32 and OpenVINO FP32 (f32 precision) of "
+             f"the same model, with each engine's final-image PSNR against the FP model (DDIM 20). From "
+             f"`benchmarks/results/engine_speed.md` (`{meta['run']['command']}`, commit "
+             f"{str(meta['run']['git_commit'])[:7]}); per-generation times, p10/p90, kernels and the OpenVINO bf16 "
+             "rows are there.", ""]
+    for result in payload["models"]:
+        batches = list(result["rows"][0]["per_call"])
+        lines += [f"**{result['model']}**", "",
+                  "| runtime / form | " + " | ".join(f"batch {b}: ms, x ORT FP32, x OV FP32" for b in batches)
+                  + " | PSNR vs FP |", "|---|" + "---|" * len(batches) + "---|"]
+        for row in result["rows"]:
+            cells = []
+            for b in batches:
+                s = row["speedup"][b]
+                cells.append(f"{row['per_call'][b]['median_ms']:.1f}, {s.get('vs_ort_fp32', float('nan')):.2f}x, "
+                             f"{s.get('vs_ov_fp32', float('nan')):.2f}x")
+            psnr = row.get("fidelity", {}).get("psnr_db_mean")
+            lines.append(f"| {row['runtime']} / {row['form']} | " + " | ".join(cells)
+                         + f" | {'' if psnr is None else f'{psnr:.2f} dB'} |")
+        for share in result.get("head_share") or []:
+            if share:
+                lines.append(f"\nCompensation head ({share['form']} form, batch {share['batch']}): "
+                             f"{share['share_percent']:.2f} % of the engine call.")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "engine-speed": block_engine_speed,
     "main-build-time": block_main_build_time,
     "fidelity-headline": block_fidelity_headline,
     "table-findings": block_table_findings,

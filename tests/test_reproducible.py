@@ -90,3 +90,13 @@ def test_reference_holds_only_weights_the_graph_reads(twin_builds):
     assert lifted and not unused, f"{len(unused)} weights saved but never read: {unused[:5]}"
     assert not any(p.dtype == torch.float32 and p.dim() == 4 and p.shape[0] > 8 and name.endswith("resnets.0.conv1.weight")
                    for name, p in program.state_dict.items())
+
+
+def test_reference_archive_names_no_machine_path(twin_builds):
+    """Stack traces in reference.pt2 name files relative to the checkout or site-packages, so a build from another
+    folder gives the same bytes (before this, /work/a/src/... and /work/b/src/... made the archives differ)."""
+    checkout = str(Path(__file__).resolve().parents[1])
+    with zipfile.ZipFile(twin_builds[0] / "reference.pt2") as archive:
+        model_json = archive.read(next(n for n in archive.namelist() if n.endswith("models/model.json"))).decode()
+    assert "qdc_export/compensation/fold.py" in model_json  # the traces are kept, only their prefix goes
+    assert checkout not in model_json and "site-packages/" not in model_json

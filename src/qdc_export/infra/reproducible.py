@@ -7,10 +7,12 @@ Two things in a ``torch.export.save`` archive change from run to run although th
   graph object (a memory address);
 - node ``stack_trace`` of a re-exported GraphModule (the compensation fold re-exports the quantized graph):
   it names the graph's generated code ``<eval_with_key>.N``, N counting the graphs compiled so far in the
-  process, so a second identical build in one process differs.
+  process, so a second identical build in one process differs;
+- stack traces name source files by absolute path, so the same build from another checkout folder (or
+  another site-packages) differed (measured: /work/wt-base vs /work/main).
 
 :func:`save_program` drops ``from_node`` (debug provenance, not needed to load or run the program), removes
-the counter from stack traces, saves, and replaces the serialization id by one derived from the archive's other records (their
+the counter and the machine's path prefixes from stack traces, saves, and replaces the serialization id by one derived from the archive's other records (their
 names, sizes and CRC-32s), so identical programs give identical bytes and different ones keep
 different ids. The ONNX file is already deterministic (checked by tests/test_reproducible.py)."""
 
@@ -31,6 +33,17 @@ _LOCAL_SIG, _CENTRAL_SIG, _DESCRIPTOR_SIG = 0x04034B50, 0x02014B50, 0x08074B50
 
 
 _GENERATED_CODE_COUNTER = re.compile(r"<eval_with_key>\.\d+")
+_TRACE_FILE = re.compile(r'File "([^"]+)"')
+_CHECKOUT = str(Path(__file__).resolve().parents[3]) + "/"  # the folder holding src/qdc_export
+
+
+def _portable_file(path: str) -> str:
+    """A stack-trace file name without the machine's prefix: the checkout's folder, or an install's
+    site-packages, so the same build gives the same bytes wherever the package and its dependencies live."""
+    if path.startswith(_CHECKOUT):
+        return path[len(_CHECKOUT):]
+    marker = "site-packages/"
+    return path.split(marker, 1)[1] if marker in path else path
 
 
 def strip_provenance(program: torch.export.ExportedProgram) -> None:
@@ -43,7 +56,8 @@ def strip_provenance(program: torch.export.ExportedProgram) -> None:
                 node.meta.pop("from_node", None)
                 trace = node.meta.get("stack_trace")
                 if isinstance(trace, str):
-                    node.meta["stack_trace"] = _GENERATED_CODE_COUNTER.sub("<eval_with_key>", trace)
+                    trace = _GENERATED_CODE_COUNTER.sub("<eval_with_key>", trace)
+                    node.meta["stack_trace"] = _TRACE_FILE.sub(lambda m: f'File "{_portable_file(m[1])}"', trace)
 
 
 def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
