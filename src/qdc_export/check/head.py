@@ -23,9 +23,8 @@ import onnx.utils
 import torch
 
 from qdc_export.compensation import CompensationTables
-from qdc_export.compensation.fold import HEAD_PREFIX
 from qdc_export.engines.providers import create_session
-from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
+from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, HEAD_PREFIX, NOISE_PRED, SAMPLE, TIMESTEP
 from qdc_export.metrics import error_stats
 
 HEAD_ATOL = 1e-5  # float32 rounding of a multiply-add on |eps~| of a few units; a shifted row moves it by >= 1e-3

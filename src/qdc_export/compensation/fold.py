@@ -17,12 +17,10 @@ import torch.fx
 
 from qdc_export.compensation import CompensationTables
 from qdc_export.compensation.tables import compensate_rows
+from qdc_export.load.plugins.base import HEAD_PREFIX  # noqa: F401  (the head's module name: self.head below)
 from qdc_export.passes import PassResult, require
 
 _TIMESTEP_INPUT = 1  # engine inputs: sample, timestep, conditioning...
-# The head module's attribute name below: its tables become initializers named "head.scale", "head.bias", ...,
-# which is how the check finds the head in an exported engine (check/head.py).
-HEAD_PREFIX = "head."
 
 
 class _Compensated(torch.nn.Module):

@@ -16,7 +16,10 @@ each output, so every caller keeps feeding and reading float32):
   diffusers does in half precision (``get_time_embed`` casts it to the model dtype afterwards): FP16
   has a step of 0.5 at t = 999, far too coarse for ``sin(t * f)``;
 * wherever an op would mix FP32 and ``dtype`` tensors (there: the embedding meets the first Linear),
-  the FP32 operands are cast to ``dtype``. Found by running the graph once on the example inputs.
+  the FP32 operands are cast to ``dtype``. Found by running the graph once on the example inputs;
+* the folded compensation head (module ``head``, its tables and the ``comp_state`` input) stays FP32: it is
+  exact arithmetic checked elementwise against the FP32 tables (check/head.py), and FP16 would round it by
+  about 1e-3 (measured on digits-uncond). Where the head meets the FP16 body output, that output is cast up.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from qdc_export.load.plugins.base import TIMESTEP
+from qdc_export.load.plugins.base import COMP_STATE, HEAD_PREFIX, TIMESTEP
 from qdc_export.passes import PassResult, require
 
 HALF_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,6 +41,7 @@ _DEQUANTIZE = {_QD.dequantize_per_tensor.default, _QD.dequantize_per_channel.def
 _TO_COPY = torch.ops.aten._to_copy.default
 _ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD = HEAD_PREFIX.rstrip(".")  # the folded compensation head's module (compensation/fold.py)
 
 
 def _round_scale(value: float, dtype: torch.dtype) -> float:
@@ -49,9 +53,15 @@ def _cast(graph: torch.fx.Graph, node: torch.fx.Node, dtype: torch.dtype) -> tor
     return graph.call_function(_TO_COPY, (node,), {"dtype": dtype})
 
 
+def _in_head(name: str) -> bool:
+    return name == _HEAD or name.startswith(_HEAD + ".")
+
+
 def _convert_state(gm: torch.fx.GraphModule, dtype: torch.dtype) -> int:
     converted = 0
-    for module in gm.modules():
+    for qualified, module in gm.named_modules():
+        if _in_head(qualified):
+            continue
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dtype == torch.float32:
                 module.register_parameter(name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
@@ -62,7 +72,8 @@ def _convert_state(gm: torch.fx.GraphModule, dtype: torch.dtype) -> int:
                 converted += 1
     for name in list(vars(gm)):  # constants torch.export keeps as plain tensor attributes
         value = getattr(gm, name)
-        if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and name not in gm._buffers:
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32 and name not in gm._buffers \
+                and not _in_head(name):
             setattr(gm, name, value.to(dtype))
             converted += 1
     return converted
@@ -87,10 +98,11 @@ class _MixedDtypeResolver(torch.fx.Interpreter):
     """Runs the graph; before each op whose float tensor operands mix FP32 and the half dtype, inserts
     casts of the FP32 operands (into the graph, and applies them to the running values)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, dtype: torch.dtype) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, dtype: torch.dtype, fp32_sources: set[torch.fx.Node]) -> None:
         super().__init__(gm)
         self.dtype = dtype
         self.casts = 0
+        self.fp32_region = set(fp32_sources)  # the compensation head: computed in FP32, half operands cast up
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "call_function" and n.target is not operator.getitem:
@@ -98,13 +110,17 @@ class _MixedDtypeResolver(torch.fx.Interpreter):
             tensors = [(i, a) for i, a in enumerate(n.args)
                        if isinstance(a, torch.fx.Node) and isinstance(self.env.get(a), torch.Tensor)]
             dtypes = {self.env[a].dtype for _, a in tensors if self.env[a].dtype in _FLOATS}
+            in_fp32_region = any(a in self.fp32_region for a in n.all_input_nodes)
+            if in_fp32_region:
+                self.fp32_region.add(n)
             if torch.float32 in dtypes and self.dtype in dtypes:
+                source, target = (self.dtype, torch.float32) if in_fp32_region else (torch.float32, self.dtype)
                 new_args = list(n.args)
                 for i, a in tensors:
-                    if self.env[a].dtype == torch.float32:
+                    if self.env[a].dtype == source:
                         with self.module.graph.inserting_before(n):
-                            cast = _cast(self.module.graph, a, self.dtype)
-                        self.env[cast] = self.env[a].to(self.dtype)
+                            cast = _cast(self.module.graph, a, target)
+                        self.env[cast] = self.env[a].to(target)
                         new_args[i] = cast
                         self.casts += 1
                 n.args = tuple(new_args)
@@ -129,7 +145,7 @@ def to_half_(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], input_
     dequantize = _retype_qdq(gm, dtype)
     input_casts = 0
     for node, name, value in zip(placeholders, input_names, example):
-        if name == TIMESTEP or not value.is_floating_point():
+        if name in (TIMESTEP, COMP_STATE) or not value.is_floating_point():
             continue
         users = list(node.users)
         with graph.inserting_after(node):
@@ -144,7 +160,9 @@ def to_half_(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], input_
         flat = [_cast(graph, o, torch.float32) if isinstance(o, torch.fx.Node) else o for o in flat]
     output.args = (type(outs)(flat) if isinstance(outs, (tuple, list)) else flat[0],)
     gm.recompile()
-    resolver = _MixedDtypeResolver(gm, dtype)
+    head_sources = {n for n in graph.nodes if n.op == "get_attr" and _in_head(str(n.target))}
+    head_sources |= {node for node, name in zip(placeholders, input_names) if name == COMP_STATE}
+    resolver = _MixedDtypeResolver(gm, dtype, head_sources)
     with torch.no_grad():
         result = resolver.run(*example)
     gm.graph.lint()

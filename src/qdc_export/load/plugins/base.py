@@ -15,6 +15,9 @@ SAMPLE, TIMESTEP = "sample", "timestep"
 ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS = "encoder_hidden_states", "text_embeds", "time_ids"
 NOISE_PRED = "noise_pred"
 COMP_STATE, COMP_STATE_OUT = "comp_state", "comp_state_out"
+# The folded compensation head is the module "head" of the engine graph (compensation/fold.py): its tables become
+# initializers named "head.scale", "head.bias", ..., which is how the check finds the head (check/head.py).
+HEAD_PREFIX = "head."
 
 
 @dataclass(frozen=True)
