@@ -29,9 +29,11 @@ import engine_speed_engines as E
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ("digits-uncond", "digits-cond")
-# SD 1.5 at latent 64 with random weights: few calibration samples, no parity check (scale.md measures it), the
-# compensation folded without the held-out check (random weights: the head is there to be timed)
-SD15_BUILD = {"steps": 20, "calib_samples": 2, "parity_samples": 1, "comp_validate": False}
+# SD 1.5 at latent 64 with random weights, built to be timed: an engine call costs the same whatever the steps and
+# calibration it was built with, so 4 steps and 1 calibration sample; no parity check (benchmarks/results/scale.md
+# checks that size); the compensation folded without the held-out check (random weights: the head is there to be
+# timed). Its fidelity is measured on the trained models only.
+SD15_BUILD = {"steps": 4, "calib_samples": 1, "parity_samples": 1, "comp_validate": False}
 QUICK_BUILD = {"steps": 20, "calib_samples": 2, "parity_samples": 1, "comp_validate": False}
 
 
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nncf-samples", type=int, default=E.NNCF_SUBSET)
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "engine_speed")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--forms", default=",".join(E.FORMS), help="forms to build and time (fp32 is the baseline)")
+    p.add_argument("--no-nncf", action="store_true", help="leave out the NNCF INT8 row")
     p.add_argument("--quick", action="store_true", help="digits-uncond, batch 1, 3 calls, 1 generation, 4 images")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows (builds stay cached)")
     args = p.parse_args(argv)
@@ -87,8 +91,9 @@ def measure_group(engines: list[E.Engine], model: Any, shapes: dict[str, list[in
         seeds = list(range(batch))
         gens = {e.label: (lambda e=e, s=seeds, b=batch: sample_latents(e.denoiser, model, "ddim", 20, s, batch=b))
                 for e in engines}
-        for label, times in E.interleaved(gens, args.generations, warmup=0).items():
-            rows[label]["per_generation"][str(batch)] = E.spread(times)
+        if args.generations > 0:
+            for label, times in E.interleaved(gens, args.generations, warmup=0).items():
+                rows[label]["per_generation"][str(batch)] = E.spread(times)
         log(f"  batch {batch}: " + ", ".join(f"{k} {v['per_call'][str(batch)]['median_ms']:.1f} ms"
                                               for k, v in rows.items()))
     if model.source.get("kind") != "config-preset":  # fidelity on the trained models only
@@ -105,7 +110,8 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
     from qdc_export.manifest import read_manifest
 
     extra, check = build_args(name, args.quick)
-    folders = {form: E.build_form(name, form, args.cache, extra, check, log) for form in E.FORMS}
+    forms = args.forms.split(",")
+    folders = {form: E.build_form(name, form, args.cache, extra, check, log) for form in forms}
     manifest = read_manifest(folders["reference"])
     shapes = {i["name"]: i["shape"] for i in manifest["io"]["inputs"]}
     timestep = float(manifest["scheduler"]["timesteps"][len(manifest["scheduler"]["timesteps"]) // 2])
@@ -118,12 +124,14 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
                               "rows": []}
     log(f"{name}: ONNX Runtime group")
     scratch = args.cache / "ort-optimized"
-    group = [E.ort_engine(form, folders[form], args.threads, scratch) for form in E.FORMS]
+    group = [E.ort_engine(form, folders[form], args.threads, scratch) for form in forms]
     result["rows"] += measure_group(group, model, shapes, timestep, args, log)
     del group
     gc.collect()
     nncf_xml = None
     try:
+        if args.no_nncf:
+            raise ImportError("--no-nncf")
         import nncf  # noqa: F401
 
         feeds = E.calibration_feeds(model, 20, args.nncf_samples, log)
@@ -131,9 +139,9 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
             args.nncf_samples), feeds, log)
         del feeds
     except ImportError:
-        result["nncf"] = "not installed"
+        result["nncf"] = "left out (--no-nncf)" if args.no_nncf else "not installed"
     log(f"{name}: OpenVINO group")
-    group = [E.ov_engine(form, folders[form] / "model.onnx", args.threads) for form in E.FORMS]
+    group = [E.ov_engine(form, folders[form] / "model.onnx", args.threads) for form in forms]
     group.append(E.ov_engine("fp32", folders["fp32"] / "model.onnx", args.threads, hint="bf16"))
     if nncf_xml is not None:
         group.append(E.ov_engine("nncf-int8", nncf_xml, args.threads))
@@ -171,17 +179,20 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
               "image vs the FP model, DDIM 20 (bundled models; the builds' default compensation)."), ""]
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
-        lines += [f"## {result['model']}", "", "| runtime / form | " + " | ".join(
+        settings, run = result.get("settings", {}), result.get("run", meta["run"])
+        lines += [f"## {result['model']}", "",
+                  f"`{run['command']}` (commit {str(run['git_commit'])[:7]}): " + ", ".join(
+                      f"{k} {v}" for k, v in settings.items()) + f"; build options {result['build_options']}.", "", "| runtime / form | " + " | ".join(
             f"call b{b} ms | x ORT FP32 | x OV FP32 | x OV bf16 | gen b{b} s" for b in batches)
             + " | PSNR dB | kernels |", "|---|" + "---:|---:|---:|---:|---:|" * len(batches) + "---:|---|"]
         for row in result["rows"]:
             cells = []
             for b in batches:
-                c, g, s = row["per_call"][b], row["per_generation"][b], row["speedup"][b]
+                c, g, s = row["per_call"][b], row["per_generation"].get(b), row["speedup"][b]
                 cells.append(f"{c['median_ms']:.1f} [{c['p10_ms']:.1f}, {c['p90_ms']:.1f}] | "
                              f"{s.get('vs_ort_fp32', float('nan')):.2f} | {s.get('vs_ov_fp32', float('nan')):.2f} | "
                              f"{s.get('vs_ov_bf16', float('nan')):.2f} | "
-                             f"{g['median_ms'] / 1e3:.2f}")
+                             + (f"{g['median_ms'] / 1e3:.2f}" if g else "not run"))
             psnr = row.get("fidelity", {}).get("psnr_db_mean")
             kernels = ", ".join(f"{k} {v}" for k, v in row["kernels"].items())
             lines.append(f"| {row['runtime']} / {row['form']} | " + " | ".join(cells) +
@@ -222,13 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = measure_model(name, args, log)
         ratios(result)
+        result["run"] = run
+        result["settings"] = {k: getattr(args, k) for k in ("threads", "batches", "calls", "generations", "images",
+                                                            "forms", "no_nncf", "nncf_samples")}
         result["wall_s"] = round(time.perf_counter() - start, 1)
         done.write_text(json.dumps(result, indent=1))
         models.append(result)
+    stem = "engine_speed_quick" if args.quick else "engine_speed"
+    previous = args.out / f"{stem}.json"
+    if previous.is_file():  # models measured by an earlier invocation (other settings) stay in the record
+        done_names = {m["model"] for m in models}
+        earlier = json.loads(previous.read_text())
+        for m in earlier["models"]:  # records written before models carried their own run and settings
+            m.setdefault("run", earlier["meta"]["run"])
+            m.setdefault("settings", {k: earlier["meta"][k] for k in ("threads", "calls", "generations")})
+        models = [m for m in earlier["models"] if m["model"] not in done_names] + models
     payload = {"meta": {"run": run, "threads": args.threads, "calls": args.calls, "generations": args.generations,
                         "cpu": cpu, "quick": args.quick}, "models": models}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "engine_speed_quick" if args.quick else "engine_speed"
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     write_markdown(payload, args.out / f"{stem}.md")
     log(f"wrote {args.out / (stem + '.json')} and .md")
