@@ -311,7 +311,12 @@ def block_engine_speed() -> str:
         for share in result.get("head_share") or []:
             if share:
                 lines.append(f"\nCompensation head ({share['form']} form, batch {share['batch']}): "
-                             f"{share['share_percent']:.2f} % of the engine call.")
+                             f"{share['share_percent']:.3f} % of the engine call.")
+        failed = [form for form, summary in (result.get("parity_passed") or {}).items()
+                  if summary and str(summary).startswith("FAIL")]
+        if failed:
+            lines.append(f"\nBuilds of this table that failed their parity check: {', '.join(failed)} "
+                         "(their manifests' parity_summary says why).")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 

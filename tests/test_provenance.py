@@ -36,3 +36,11 @@ def test_engine_cache_key_changes_with_the_code_version(monkeypatch):
     assert fidelity.engine_key(config) != key
     monkeypatch.undo()
     assert fidelity.engine_key(BuildConfig(precision="w4a8")) != key
+
+
+def test_source_hash_covers_the_whole_package():
+    """The code version hashes every module of the package (a build-stage edit must change cache keys): its root
+    is the package folder, not the folder of the module that computes it (infra/)."""
+    assert (provenance.PACKAGE_DIR / "build.py").is_file() and (provenance.PACKAGE_DIR / "quantize").is_dir()
+    hashed = sorted(p.relative_to(provenance.PACKAGE_DIR).as_posix() for p in provenance.PACKAGE_DIR.rglob("*.py"))
+    assert "quantize/half.py" in hashed and "infra/provenance.py" in hashed, hashed[:5]

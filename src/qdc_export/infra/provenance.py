@@ -16,7 +16,7 @@ import torch
 
 from qdc_export.manifest import package_versions
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/qdc_export (this module lives in its infra/)
 
 
 @functools.lru_cache(maxsize=1)
