@@ -288,15 +288,16 @@ def block_engine_speed() -> str:
     """The lead of the results: each CPU engine's speed against FP32 on both runtimes, with its fidelity."""
     payload = _json(RESULTS / "engine_speed.json")
     meta = payload["meta"]
-    lines = [f"Speed on this CPU ({meta['cpu']}, {meta['threads']} threads), per engine call, median of "
-             f"{meta['calls']} interleaved calls, against ONNX Runtime FP32 and OpenVINO FP32 (f32 precision) of "
-             f"the same model, with each engine's final-image PSNR against the FP model (DDIM 20). From "
-             f"`benchmarks/results/engine_speed.md` (`{meta['run']['command']}`, commit "
-             f"{str(meta['run']['git_commit'])[:7]}); per-generation times, p10/p90, kernels and the OpenVINO bf16 "
-             "rows are there.", ""]
+    lines = [f"Speed on this CPU ({meta['cpu']}, {meta['threads']} threads), per engine call (median of interleaved "
+             "calls), against ONNX Runtime FP32 and OpenVINO FP32 (f32 precision) of the same model, with each "
+             "engine's final-image PSNR against the FP model (DDIM 20, trained models only). From "
+             "`benchmarks/results/engine_speed.md`, which has per-generation times, p10/p90, kernels and each "
+             "model's build options.", ""]
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
-        lines += [f"**{result['model']}**", "",
+        run, settings = result.get("run", meta["run"]), result.get("settings", {})
+        lines += [f"**{result['model']}**: `{run['command']}` (commit {str(run['git_commit'])[:7]}), "
+                  f"{settings.get('calls', meta['calls'])} calls", "",
                   "| runtime / form | " + " | ".join(f"batch {b}: ms, x ORT FP32, x OV FP32" for b in batches)
                   + " | PSNR vs FP |", "|---|" + "---|" * len(batches) + "---|"]
         for row in result["rows"]:
