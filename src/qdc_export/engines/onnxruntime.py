@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +15,7 @@ from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED,
 
 
 class OrtDenoiser:
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession | Any) -> None:  # or a session-like engine (engines/openvino.py)
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.stateful = COMP_STATE in self.input_names

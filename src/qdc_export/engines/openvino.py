@@ -23,8 +23,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 
+from qdc_export.engines.onnxruntime import OrtDenoiser
 from qdc_export.errors import UserError
 from qdc_export.load.plugins.base import (
     COMP_STATE,
@@ -110,41 +110,15 @@ class OvEngine:
         return [np.array(by_name[n], copy=True) for n in names]
 
 
-class OvDenoiser:
-    """The Denoiser of the sampling loop over an :class:`OvEngine` (carries the compensation state)."""
-
-    def __init__(self, engine: OvEngine) -> None:
-        self.session = engine
-        self.input_names = engine.input_names
-        self.stateful = COMP_STATE in self.input_names
-        self.cond_names = [n for n in self.input_names if n not in (SAMPLE, TIMESTEP, COMP_STATE)]
-        self.output_names = [NOISE_PRED] + ([COMP_STATE_OUT] if self.stateful else [])
-        self.state: np.ndarray | None = None
+class OvDenoiser(OrtDenoiser):
+    """The Denoiser of the sampling loop over an :class:`OvEngine`: OrtDenoiser's feeding and compensation state,
+    on an engine that lists its inputs and runs like an ONNX Runtime session."""
 
     @classmethod
     def from_path(cls, model_path: Path | str, provider: str = "cpu", **kwargs: Any) -> OvDenoiser:
         if provider != "cpu":
             raise UserError(f"--target openvino builds run on the CPU; provider {provider!r} does not apply")
         return cls(OvEngine.from_path(model_path, **kwargs))
-
-    def reset(self, batch: int) -> None:
-        self.state = None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feeds)
-
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        feeds = {SAMPLE: sample.float().numpy(), TIMESTEP: timestep.float().numpy()}
-        for name in self.cond_names:
-            feeds[name] = cond[name].float().numpy()
-        if self.stateful:
-            if self.state is None or self.state.shape != feeds[SAMPLE].shape:
-                self.state = np.zeros_like(feeds[SAMPLE])
-            feeds[COMP_STATE] = self.state
-        outputs = self.run(feeds)
-        if self.stateful:
-            self.state = outputs[1]
-        return torch.from_numpy(outputs[0])
 
 
 def polygraphy_runner(engine: OvEngine, name: str = "openvino") -> Any:

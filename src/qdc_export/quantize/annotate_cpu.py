@@ -26,7 +26,7 @@ from torchao.quantization.pt2e import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
 
 from qdc_export.quantize.annotate import ANNOTATION_KEY, QuantizationPlan, TensorRTStyleQuantizer
-from qdc_export.quantize.observers import _MAX_SAMPLE, activation_observer
+from qdc_export.quantize.observers import AsymmetricPercentileObserver, activation_observer
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 
@@ -88,25 +88,3 @@ CPU_FORM_ACTIVATION_DTYPE = "uint8"  # U8S8: S8S8 did not fuse on ONNX Runtime's
 def cpu_form_quantizer(plan: QuantizationPlan) -> CpuFormQuantizer:
     """The form's layout: UINT8 inputs (two-sided ranges), Conv outputs UINT8 min/max, Linear outputs float."""
     return CpuFormQuantizer(plan, CPU_FORM_ACTIVATION_DTYPE, asymmetric=True)
-
-
-class AsymmetricPercentileObserver(MinMaxObserver):
-    """Per call the p-th percentile of x and the (100 - p)-th, collapsed by max / min over calls: the percentile
-    observer's outlier rule for an affine (UINT8) range, which a one-sided activation fills on one side only."""
-
-    def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.percentile = percentile
-
-    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        if x_orig.numel() == 0:
-            return x_orig
-        flat = x_orig.detach().float().flatten()
-        if flat.numel() > _MAX_SAMPLE:
-            flat = flat[:: flat.numel() // _MAX_SAMPLE + 1]
-        n = flat.numel()
-        hi = flat.kthvalue(max(1, min(n, round(n * self.percentile / 100.0)))).values
-        lo = flat.kthvalue(max(1, min(n, round(n * (100.0 - self.percentile) / 100.0) + 1))).values
-        self.min_val.copy_(torch.minimum(self.min_val, torch.minimum(lo, torch.zeros_like(lo))))
-        self.max_val.copy_(torch.maximum(self.max_val, torch.maximum(hi, torch.zeros_like(hi))))
-        return x_orig

@@ -14,6 +14,12 @@ from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
 _MAX_SAMPLE = 1 << 20  # elements per call used for the percentile (deterministic strided subsample)
 
 
+def _strided_sample(x: torch.Tensor) -> torch.Tensor:
+    """x as float32, flattened, thinned to at most about _MAX_SAMPLE elements by a fixed stride."""
+    flat = x.float().flatten()
+    return flat[:: flat.numel() // _MAX_SAMPLE + 1] if flat.numel() > _MAX_SAMPLE else flat
+
+
 class PercentileObserver(MinMaxObserver):
     def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -22,13 +28,32 @@ class PercentileObserver(MinMaxObserver):
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         if x_orig.numel() == 0:
             return x_orig
-        flat = x_orig.detach().abs().float().flatten()
-        if flat.numel() > _MAX_SAMPLE:
-            flat = flat[:: flat.numel() // _MAX_SAMPLE + 1]
+        flat = _strided_sample(x_orig.detach().abs())
         k = max(1, min(flat.numel(), int(round(flat.numel() * self.percentile / 100.0))))
         amax = flat.kthvalue(k).values
         self.min_val.copy_(torch.minimum(self.min_val, -amax))
         self.max_val.copy_(torch.maximum(self.max_val, amax))
+        return x_orig
+
+
+class AsymmetricPercentileObserver(MinMaxObserver):
+    """Per call the p-th percentile of x and the (100 - p)-th, collapsed by max / min over calls: the percentile
+    observer's outlier rule for an affine (UINT8) range, which a one-sided activation fills on one side only
+    (the CPU form, quantize.annotate_cpu)."""
+
+    def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.percentile = percentile
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        flat = _strided_sample(x_orig.detach())
+        n = flat.numel()
+        hi = flat.kthvalue(max(1, min(n, round(n * self.percentile / 100.0)))).values
+        lo = flat.kthvalue(max(1, min(n, round(n * (100.0 - self.percentile) / 100.0) + 1))).values
+        self.min_val.copy_(torch.minimum(self.min_val, torch.minimum(lo, torch.zeros_like(lo))))
+        self.max_val.copy_(torch.maximum(self.max_val, torch.maximum(hi, torch.zeros_like(hi))))
         return x_orig
 
 
