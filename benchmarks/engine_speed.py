@@ -19,6 +19,7 @@ import argparse
 import gc
 import hashlib
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-nncf", action="store_true", help="leave out the NNCF INT8 row")
     p.add_argument("--quick", action="store_true", help="digits-uncond, batch 1, 3 calls, 1 generation, 4 images")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows (builds stay cached)")
+    p.add_argument("--reuse-builds", action="store_true",
+                   help="use cached builds made by other source versions (the record names each build's commit)")
+    p.add_argument("--shrink-arena", action="store_true",
+                   help="ONNX Runtime returns its arena after each timed call (large models at batch > 1)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.calls, args.generations = "digits-uncond", "1", 3, 1
@@ -111,20 +116,25 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
 
     extra, check = build_args(name, args.quick)
     forms = args.forms.split(",")
-    folders = {form: E.build_form(name, form, args.cache, extra, check, log) for form in forms}
+    built = {form: E.build_form(name, form, args.cache, extra, check, log, args.reuse_builds) for form in forms}
+    folders = {form: folder for form, (folder, _) in built.items()}
     manifest = read_manifest(folders["reference"])
     shapes = {i["name"]: i["shape"] for i in manifest["io"]["inputs"]}
     timestep = float(manifest["scheduler"]["timesteps"][len(manifest["scheduler"]["timesteps"]) // 2])
     model = load_model(name)
+    if model.source.get("kind") == "config-preset":  # random weights: only the config and scheduler are used here
+        model.unet.to("meta")  # (SD 1.5: 3.4 GB returned before the engines open)
+        gc.collect()
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"model": name, "build_options": extra, "builds": {f: str(p) for f, p in folders.items()},
+                              "built_from": {f: b for f, (_, b) in built.items()},
                               "compensation": {f: read_manifest(p).get("compensation", {}).get("method")
                                                for f, p in folders.items()},
                               "parity_passed": {f: read_manifest(p).get("parity_summary") for f, p in folders.items()},
                               "rows": []}
     log(f"{name}: ONNX Runtime group")
     scratch = args.cache / "ort-optimized"
-    group = [E.ort_engine(form, folders[form], args.threads, scratch) for form in forms]
+    group = [E.ort_engine(form, folders[form], args.threads, scratch, args.shrink_arena) for form in forms]
     result["rows"] += measure_group(group, model, shapes, timestep, args, log)
     del group
     gc.collect()
@@ -150,6 +160,7 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
     gc.collect()
     result["head_share"] = [E.head_share(folders["reference"], args.threads, b, max(args.calls, 5))
                             for b in [int(b) for b in args.batches.split(",")][:2]]
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
     return result
 
 
@@ -163,6 +174,18 @@ def ratios(result: dict[str, Any]) -> None:
                 base: by[key]["per_call"][batch]["median_ms"] / stats["median_ms"]
                 for base, key in (("vs_ort_fp32", ("onnxruntime", "fp32")), ("vs_ov_fp32", ("openvino", "fp32")),
                                   ("vs_ov_bf16", ("openvino-bf16", "fp32"))) if key in by}
+
+
+def _built_from(result: dict[str, Any]) -> str:
+    """Which code made each build (records before the ``built_from`` stamp: the run's own commit)."""
+    built = result.get("built_from")
+    if not built:
+        return ""
+    text = " Builds made at " + ", ".join(
+        f"{form} {str(b.get('commit'))[:7]}{' (dirty)' if b.get('dirty') else ''}" for form, b in built.items()) + "."
+    if "peak_rss_gb" in result:
+        text += f" Peak resident memory {result['peak_rss_gb']} GB."
+    return text
 
 
 def write_markdown(payload: dict[str, Any], path: Path) -> None:
@@ -182,7 +205,8 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
         settings, run = result.get("settings", {}), result.get("run", meta["run"])
         lines += [f"## {result['model']}", "",
                   f"`{run['command']}` (commit {str(run['git_commit'])[:7]}): " + ", ".join(
-                      f"{k} {v}" for k, v in settings.items()) + f"; build options {result['build_options']}.", "", "| runtime / form | " + " | ".join(
+                      f"{k} {v}" for k, v in settings.items()) + f"; build options {result['build_options']}."
+                  + _built_from(result), "", "| runtime / form | " + " | ".join(
             f"call b{b} ms | x ORT FP32 | x OV FP32 | x OV bf16 | gen b{b} s" for b in batches)
             + " | PSNR dB | kernels |", "|---|" + "---:|---:|---:|---:|---:|" * len(batches) + "---:|---|"]
         for row in result["rows"]:
@@ -235,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios(result)
         result["run"] = run
         result["settings"] = {k: getattr(args, k) for k in ("threads", "batches", "calls", "generations", "images",
-                                                            "forms", "no_nncf", "nncf_samples")}
+                                                            "forms", "no_nncf", "nncf_samples", "shrink_arena")}
         result["wall_s"] = round(time.perf_counter() - start, 1)
         done.write_text(json.dumps(result, indent=1))
         models.append(result)

@@ -45,28 +45,36 @@ result = build(model, BuildConfig(**fields), out, force=True, run_check=check, w
 if result.parity and not result.parity["passed"]:
     sys.exit("parity check failed")
 """
+BUILT_FROM = "built_from.json"  # beside the build: the source hash and commit that made it
 NNCF_SUBSET = 200  # optimum-intel's num_samples default for diffusion models
 
 
 def build_form(model: str, form: str, cache: Path, extra: dict[str, Any], check: bool,
-               log: Callable[[str], None]) -> Path:
-    """The build folder of ``form`` (a fresh process when not cached: the memory of one build is returned to the
-    system before the next). ``extra``: BuildConfig fields on top of the form's."""
-    from qdc_export.infra.provenance import source_hash
+               log: Callable[[str], None], reuse: bool = False) -> tuple[Path, dict[str, Any]]:
+    """(The build folder of ``form``, the code it was built from). A fresh process when not cached: the memory of
+    one build is returned to the system before the next. ``extra``: BuildConfig fields on top of the form's.
+    A cached build is used when it was made by the current source (``source_hash``), or by any source with
+    ``reuse`` (the record then names the commit it came from); otherwise it is rebuilt."""
+    from qdc_export.infra.provenance import git_state, source_hash
 
     fields = {**FORMS[form], **extra}
-    key = hashlib.sha256(json.dumps([model, fields, check, source_hash()], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([model, fields, check], sort_keys=True).encode()).hexdigest()[:12]
     out = cache / "builds" / f"{model}-{form}-{key}"
-    if (out / "manifest.json").is_file():
-        return out
+    stamp = out / BUILT_FROM
+    current = {"source_hash": source_hash(), **git_state()}
+    if (out / "manifest.json").is_file() and stamp.is_file():
+        built_from = json.loads(stamp.read_text())
+        if reuse or built_from["source_hash"] == current["source_hash"]:
+            return out, built_from
     command = [sys.executable, "-c", _BUILD_SCRIPT, model, json.dumps(fields), str(out), "1" if check else "0"]
     log(f"  building {model} {form}: {json.dumps(fields)}, parity check {'on' if check else 'off'}")
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"build {model} {form} failed: {done.stderr.strip().splitlines()[-3:]}")
+    stamp.write_text(json.dumps(current))
     log(f"  built in {time.perf_counter() - start:.0f} s")
-    return out
+    return out, current
 
 
 @dataclass
@@ -85,7 +93,10 @@ class Engine:
         return f"{self.runtime} / {self.form}"
 
 
-def ort_engine(form: str, folder: Path, threads: int, scratch: Path) -> Engine:
+def ort_engine(form: str, folder: Path, threads: int, scratch: Path, shrink_arena: bool = False) -> Engine:
+    """``shrink_arena``: each timed call returns its memory arena to the system afterwards (run option
+    ``memory.enable_memory_arena_shrinkage``), so engines open together do not each hold their peak at once
+    (SD 1.5 at batch 2 and up); every form of the group pays the same release."""
     import onnxruntime as ort
 
     from qdc_export.engines.onnxruntime import OrtDenoiser
@@ -112,7 +123,10 @@ def ort_engine(form: str, folder: Path, threads: int, scratch: Path) -> Engine:
     kernels = {k: ops[k] for k in ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits",
                                    "Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm") if ops.get(k)}
     denoiser = OrtDenoiser(session)
-    return Engine(form, "onnxruntime", lambda feeds: session.run(None, feeds), denoiser, kernels,
+    run_options = ort.RunOptions()
+    if shrink_arena:
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return Engine(form, "onnxruntime", lambda feeds: session.run(None, feeds, run_options), denoiser, kernels,
                   [i.name for i in session.get_inputs()])
 
 
