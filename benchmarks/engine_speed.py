@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=20, help="interleaved rounds of engine calls per batch")
     p.add_argument("--generations", type=int, default=3, help="interleaved rounds of whole generations per batch")
+    p.add_argument("--generation-batches", default="1,2,8", help="batches whose whole generations are timed")
     p.add_argument("--images", type=int, default=64, help="images of the fidelity measurement (bundled models)")
     p.add_argument("--nncf-samples", type=int, default=E.NNCF_SUBSET)
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "engine_speed")
@@ -96,7 +97,7 @@ def measure_group(engines: list[E.Engine], model: Any, shapes: dict[str, list[in
         seeds = list(range(batch))
         gens = {e.label: (lambda e=e, s=seeds, b=batch: sample_latents(e.denoiser, model, "ddim", 20, s, batch=b))
                 for e in engines}
-        if args.generations > 0:
+        if args.generations > 0 and str(batch) in args.generation_batches.split(","):
             for label, times in E.interleaved(gens, args.generations, warmup=0).items():
                 rows[label]["per_generation"][str(batch)] = E.spread(times)
         log(f"  batch {batch}: " + ", ".join(f"{k} {v['per_call'][str(batch)]['median_ms']:.1f} ms"
@@ -122,6 +123,18 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
     shapes = {i["name"]: i["shape"] for i in manifest["io"]["inputs"]}
     timestep = float(manifest["scheduler"]["timesteps"][len(manifest["scheduler"]["timesteps"]) // 2])
     model = load_model(name)
+    nncf_xml = None
+    try:  # before the engines open, and before SD 1.5's torch weights go: the calibration runs the FP model
+        if args.no_nncf:
+            raise ImportError("--no-nncf")
+        import nncf  # noqa: F401
+
+        nncf_out = args.cache / "nncf" / folders["fp32"].name / str(args.nncf_samples)
+        nncf_xml = E.nncf_int8(folders["fp32"] / "model.onnx", nncf_out,
+                               lambda: E.calibration_feeds(model, 20, args.nncf_samples, log), log)
+    except ImportError:
+        nncf_xml = None
+    gc.collect()
     if model.source.get("kind") == "config-preset":  # random weights: only the config and scheduler are used here
         model.unet.to("meta")  # (SD 1.5: 3.4 GB returned before the engines open)
         gc.collect()
@@ -132,24 +145,14 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
                                                for f, p in folders.items()},
                               "parity_passed": {f: read_manifest(p).get("parity_summary") for f, p in folders.items()},
                               "rows": []}
+    if nncf_xml is None:
+        result["nncf"] = "left out (--no-nncf)" if args.no_nncf else "not installed"
     log(f"{name}: ONNX Runtime group")
     scratch = args.cache / "ort-optimized"
     group = [E.ort_engine(form, folders[form], args.threads, scratch, args.shrink_arena) for form in forms]
     result["rows"] += measure_group(group, model, shapes, timestep, args, log)
     del group
     gc.collect()
-    nncf_xml = None
-    try:
-        if args.no_nncf:
-            raise ImportError("--no-nncf")
-        import nncf  # noqa: F401
-
-        feeds = E.calibration_feeds(model, 20, args.nncf_samples, log)
-        nncf_xml = E.nncf_int8(folders["fp32"] / "model.onnx", args.cache / "nncf" / folders["fp32"].name / str(
-            args.nncf_samples), feeds, log)
-        del feeds
-    except ImportError:
-        result["nncf"] = "left out (--no-nncf)" if args.no_nncf else "not installed"
     log(f"{name}: OpenVINO group")
     group = [E.ov_engine(form, folders[form] / "model.onnx", args.threads) for form in forms]
     group.append(E.ov_engine("fp32", folders["fp32"] / "model.onnx", args.threads, hint="bf16"))
@@ -259,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios(result)
         result["run"] = run
         result["settings"] = {k: getattr(args, k) for k in ("threads", "batches", "calls", "generations", "images",
-                                                            "forms", "no_nncf", "nncf_samples", "shrink_arena")}
+                                                            "forms", "no_nncf", "nncf_samples", "shrink_arena",
+                                                            "generation_batches")}
         result["wall_s"] = round(time.perf_counter() - start, 1)
         done.write_text(json.dumps(result, indent=1))
         models.append(result)

@@ -177,7 +177,8 @@ def calibration_feeds(model: Any, steps: int, samples: int, log: Callable[[str],
     return recorded[::stride][:samples]
 
 
-def nncf_int8(fp32_onnx: Path, out: Path, feeds: list[dict[str, np.ndarray]], log: Callable[[str], None]) -> Path:
+def nncf_int8(fp32_onnx: Path, out: Path, make_feeds: Callable[[], list[dict[str, np.ndarray]]],
+              log: Callable[[str], None]) -> Path:
     """optimum-intel's recipe for diffusion UNets (``quant_method="hybrid"``): INT8 weight compression of the
     MatMul (Linear) weights, then full INT8 quantization (weights and activations) of the rest, model_type
     TRANSFORMER, SmoothQuant off (alpha -1), with the MatMuls in the ignored scope of the second step."""
@@ -187,6 +188,7 @@ def nncf_int8(fp32_onnx: Path, out: Path, feeds: list[dict[str, np.ndarray]], lo
     xml = out / "nncf_int8.xml"
     if xml.is_file():
         return xml
+    feeds = make_feeds()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = ov.Core().read_model(str(fp32_onnx))

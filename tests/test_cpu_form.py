@@ -52,6 +52,17 @@ def test_cpu_form_passes_check_and_is_standard_onnx(build_factory):
     assert types == {onnx.TensorProto.UINT8}, f"activation types (U8S8 expected): {types}"
 
 
+def test_residual_joining_convs_stay_float(build_factory):
+    """A ResNet block's conv2 (its output is added to the block's input) stays float; conv1 (added to the
+    broadcast time embedding only) is quantized. Names from diffusers' module tree, not from our detection."""
+    quantization = read_manifest(_cpu_build(build_factory).out)["quantization"]
+    floats, quantized = set(quantization["float_layers"]), set(quantization["quantized_layers"])
+    conv2 = {n for n in floats | quantized if ".resnets." in n and n.endswith(".conv2")}
+    conv1 = {n for n in floats | quantized if ".resnets." in n and n.endswith(".conv1")}
+    assert conv2 and conv2 <= floats, sorted(conv2 - floats)
+    assert conv1 and conv1 <= quantized, sorted(conv1 - quantized)
+
+
 def test_onnxruntime_selects_integer_kernels(build_factory, tmp_path):
     """A plain session at level ALL (our session code not involved) must fuse the form into QLinearConv."""
     result = _cpu_build(build_factory)

@@ -106,8 +106,10 @@ def create_session(
     *,
     cpu_mem_arena: bool = True,
     threads: int | None = None,
+    target: str | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession for an ONNX file or ModelProto, with the quirks above handled.
+    """An InferenceSession for an ONNX file or ModelProto, with the quirks above handled. ``target``: run the
+    file the way a build of that target runs it (default: the target of the build folder holding it).
 
     A path is handed to onnxruntime as a path (so external weight files next to it resolve); its
     graph is loaded without external data only to inspect initializer types.
@@ -129,7 +131,9 @@ def create_session(
         from qdc_export.engines.ort_tensorrt import tensorrt_provider_options
 
         chosen[0] = (providers[0], tensorrt_provider_options(Path(folder)))
-    cpu_form = (providers[0] == PROVIDERS["cpu"] and folder is not None and build_target(folder) == CPU_FORM_TARGET)
+    if target is None and folder is not None:
+        target = build_target(folder)
+    cpu_form = providers[0] == PROVIDERS["cpu"] and folder is not None and target == CPU_FORM_TARGET
     if cpu_form:  # the CPU deployment form: its runtime settings and saved optimized graph (engines/ort_cpu.py)
         source = cpu_form_session_source(Path(source), options)
     # The CPU arena never returns memory and grew by ~2.6 GB per run of a w8a8 SD 1.5 UNet (the DQ'd weights

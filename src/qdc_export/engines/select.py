@@ -10,7 +10,6 @@ from typing import Any
 
 from qdc_export.engines.onnxruntime import OrtDenoiser
 from qdc_export.engines.openvino import OPENVINO_TARGET, OvDenoiser, OvEngine, polygraphy_runner
-from qdc_export.engines.ort_cpu import CPU_FORM_TARGET, cpu_form_session_source, publish_optimized_model
 from qdc_export.engines.providers import build_target, create_session
 from qdc_export.manifest import MODEL_FILE
 
@@ -45,18 +44,4 @@ def denoiser_for_target(model_path: Path | str, target: str, provider: str = "cp
     build of ``target`` runs it."""
     if target == OPENVINO_TARGET:
         return OvDenoiser.from_path(model_path, provider, threads=threads)
-    if target == CPU_FORM_TARGET:
-        import onnx
-        import onnxruntime as ort
-
-        from qdc_export.engines.providers import make_session_options
-
-        path = Path(model_path)
-        options, providers = make_session_options(onnx.load(str(path), load_external_data=False), provider=provider)
-        if threads:
-            options.intra_op_num_threads = threads
-        source = cpu_form_session_source(path, options)
-        session = ort.InferenceSession(source, options, providers=providers)
-        publish_optimized_model(path)
-        return OrtDenoiser(session)
-    return OrtDenoiser(create_session(model_path, provider=provider, threads=threads))
+    return OrtDenoiser(create_session(model_path, provider=provider, threads=threads, target=target))

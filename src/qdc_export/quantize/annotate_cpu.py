@@ -13,10 +13,15 @@ onnxruntime 1.32, docs/cpu.md):
 * Activations UINT8 affine (U8S8): with INT8 activations ONNX Runtime fused nothing (its S8 -> U8 rewrite is
   the optimizer disabled for the opset-21 quirk, engines/providers.py).
 
+* Convs that join the residual stream (their output added to a tensor of the same shape: a ResNet block's
+  ``conv2``, a transformer's 1x1 ``proj_out``) stay float, inputs and weights too. Their output quantization
+  cost the most fidelity (requantized residuals add up over the blocks), and quantized inputs with a float
+  output would run as DQ + float Conv, slower than a float Conv (benchmarks/results/cpu_form_layouts.md).
+
 Ranges: Conv/Linear inputs take the build's observer, two-sided for the affine type
-(:class:`AsymmetricPercentileObserver` for ``percentile``); Conv outputs take min/max (no clipping: they feed
-the residual stream, where clipped outliers cost more than resolution; measured on digits-uncond). Weights stay
-INT8 symmetric per output channel."""
+(:class:`AsymmetricPercentileObserver` for ``percentile``); Conv outputs take min/max (no clipping: clipped
+outliers cost more than resolution; measured on digits-uncond). Weights stay INT8 symmetric per output
+channel."""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch.fx
 from torchao.quantization.pt2e import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
 
-from qdc_export.quantize.annotate import ANNOTATION_KEY, QuantizationPlan, TensorRTStyleQuantizer
+from qdc_export.quantize.annotate import ANNOTATION_KEY, QuantizationPlan, TensorRTStyleQuantizer, layer_name
 from qdc_export.quantize.observers import AsymmetricPercentileObserver, activation_observer
 
 ACTIVATION_DTYPES = ("uint8", "int8")
@@ -51,7 +56,8 @@ class CpuFormQuantizer(TensorRTStyleQuantizer):
     ``output_observer``: "minmax", or None for the inputs' observer."""
 
     def __init__(self, plan: QuantizationPlan, activation_dtype: str = "uint8", asymmetric: bool = False,
-                 output_ops: tuple = (torch.ops.aten.conv2d.default,), output_observer: str | None = "minmax") -> None:
+                 output_ops: tuple = (torch.ops.aten.conv2d.default,), output_observer: str | None = "minmax",
+                 float_residual_convs: bool = False) -> None:
         super().__init__(plan)
         if plan.activation_bits != 8 or plan.weight_bits != 8:
             raise ValueError("the CPU form is W8A8: 8-bit weights and activations")
@@ -59,6 +65,7 @@ class CpuFormQuantizer(TensorRTStyleQuantizer):
         self.asymmetric = asymmetric
         self.output_ops = tuple(output_ops)
         self.output_observer = output_observer
+        self.float_residual_convs = float_residual_convs
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         super().annotate(model)
@@ -72,6 +79,12 @@ class CpuFormQuantizer(TensorRTStyleQuantizer):
             annotation = node.meta.get(ANNOTATION_KEY)
             if annotation is None:
                 continue
+            if self.float_residual_convs and node.target in self.output_ops and joins_residual(node):
+                del node.meta[ANNOTATION_KEY]
+                name = layer_name(node, self.plan.module_prefix)
+                self.quantized_layers.remove(name)
+                self.float_layers.append(name)
+                continue
             # every annotated activation (conv/linear input, attention inputs) takes the form's type; weights keep theirs
             qspecs = {arg: (spec if arg is node.args[1] and len(node.args) > 1 and spec.dtype == torch.int8
                             and spec.qscheme == torch.per_channel_symmetric else act)
@@ -82,9 +95,24 @@ class CpuFormQuantizer(TensorRTStyleQuantizer):
         return model
 
 
+def joins_residual(node: torch.fx.Node) -> bool:
+    """The node's output is added to another tensor of its own shape (a residual join; ``x + temb`` broadcasts a
+    [B, C, 1, 1] tensor and is not one)."""
+    shape = getattr(node.meta.get("val"), "shape", None)
+    for user in node.users:
+        if user.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
+            continue
+        for other in user.args:
+            if other is not node and isinstance(other, torch.fx.Node) and shape is not None \
+                    and getattr(other.meta.get("val"), "shape", None) == shape:
+                return True
+    return False
+
+
 CPU_FORM_ACTIVATION_DTYPE = "uint8"  # U8S8: S8S8 did not fuse on ONNX Runtime's x86 CPU provider (docs/cpu.md)
 
 
 def cpu_form_quantizer(plan: QuantizationPlan) -> CpuFormQuantizer:
-    """The form's layout: UINT8 inputs (two-sided ranges), Conv outputs UINT8 min/max, Linear outputs float."""
-    return CpuFormQuantizer(plan, CPU_FORM_ACTIVATION_DTYPE, asymmetric=True)
+    """The form's layout: UINT8 inputs (two-sided ranges), Conv outputs UINT8 min/max, Linear outputs float,
+    residual-joining Convs float."""
+    return CpuFormQuantizer(plan, CPU_FORM_ACTIVATION_DTYPE, asymmetric=True, float_residual_convs=True)
