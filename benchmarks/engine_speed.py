@@ -57,7 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-builds", action="store_true",
                    help="use cached builds made by other source versions (the record names each build's commit)")
     p.add_argument("--shrink-arena", action="store_true",
-                   help="ONNX Runtime returns its arena after each timed call (large models at batch > 1)")
+                   help="after each timed call ONNX Runtime returns its arena and OpenVINO its intermediate buffers "
+                        "(large models at batch > 1)")
+    p.add_argument("--label", default=None, help="the record's name for this run of one model (default: the "
+                   "model); a run under another label sits beside the model's earlier one instead of replacing it")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.calls, args.generations = "digits-uncond", "1", 3, 1
@@ -92,13 +95,14 @@ def measure_group(engines: list[E.Engine], model: Any, shapes: dict[str, list[in
     for batch in [int(b) for b in args.batches.split(",")]:
         feeds = {e.label: E.random_feeds(e.input_names, shapes, batch, timestep) for e in engines}
         calls = {e.label: (lambda e=e, f=feeds: e.run(f[e.label])) for e in engines}
-        for label, times in E.interleaved(calls, args.calls).items():
+        after = {e.label: e.release for e in engines}
+        for label, times in E.interleaved(calls, args.calls, after=after).items():
             rows[label]["per_call"][str(batch)] = E.spread(times)
         seeds = list(range(batch))
         gens = {e.label: (lambda e=e, s=seeds, b=batch: sample_latents(e.denoiser, model, "ddim", 20, s, batch=b))
                 for e in engines}
         if args.generations > 0 and str(batch) in args.generation_batches.split(","):
-            for label, times in E.interleaved(gens, args.generations, warmup=0).items():
+            for label, times in E.interleaved(gens, args.generations, warmup=0, after=after).items():
                 rows[label]["per_generation"][str(batch)] = E.spread(times)
         log(f"  batch {batch}: " + ", ".join(f"{k} {v['per_call'][str(batch)]['median_ms']:.1f} ms"
                                               for k, v in rows.items()))
@@ -154,10 +158,12 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, An
     del group
     gc.collect()
     log(f"{name}: OpenVINO group")
-    group = [E.ov_engine(form, folders[form] / "model.onnx", args.threads) for form in forms]
-    group.append(E.ov_engine("fp32", folders["fp32"] / "model.onnx", args.threads, hint="bf16"))
+    release = args.shrink_arena
+    group = [E.ov_engine(form, folders[form] / "model.onnx", args.threads, release_memory=release) for form in forms]
+    group.append(E.ov_engine("fp32", folders["fp32"] / "model.onnx", args.threads, hint="bf16",
+                             release_memory=release))
     if nncf_xml is not None:
-        group.append(E.ov_engine("nncf-int8", nncf_xml, args.threads))
+        group.append(E.ov_engine("nncf-int8", nncf_xml, args.threads, release_memory=release))
     result["rows"] += measure_group(group, model, shapes, timestep, args, log)
     del group
     gc.collect()
@@ -206,7 +212,7 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
         settings, run = result.get("settings", {}), result.get("run", meta["run"])
-        lines += [f"## {result['model']}", "",
+        lines += [f"## {result.get('label', result['model'])}", "",
                   f"`{run['command']}` (commit {str(run['git_commit'])[:7]}): " + ", ".join(
                       f"{k} {v}" for k, v in settings.items()) + f"; build options {result['build_options']}."
                   + _built_from(result), "", "| runtime / form | " + " | ".join(
@@ -261,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure_model(name, args, log)
         ratios(result)
         result["run"] = run
+        result["label"] = args.label or name
         result["settings"] = {k: getattr(args, k) for k in ("threads", "batches", "calls", "generations", "images",
                                                             "forms", "no_nncf", "nncf_samples", "shrink_arena",
                                                             "generation_batches")}
@@ -270,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     stem = "engine_speed_quick" if args.quick else "engine_speed"
     previous = args.out / f"{stem}.json"
     if previous.is_file():  # models measured by an earlier invocation (other settings) stay in the record
-        done_names = {m["model"] for m in models}
+        done_names = {m.get("label", m["model"]) for m in models}
         earlier = json.loads(previous.read_text())
         for m in earlier["models"]:  # records written before models carried their own run and settings
             m.setdefault("run", earlier["meta"]["run"])
             m.setdefault("settings", {k: earlier["meta"][k] for k in ("threads", "calls", "generations")})
-        models = [m for m in earlier["models"] if m["model"] not in done_names] + models
+        models = [m for m in earlier["models"] if m.get("label", m["model"]) not in done_names] + models
     payload = {"meta": {"run": run, "threads": args.threads, "calls": args.calls, "generations": args.generations,
                         "cpu": cpu, "quick": args.quick}, "models": models}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,7 @@ class Engine:
     denoiser: Any
     kernels: dict[str, int]
     input_names: list[str]
+    release: Callable[[], None] = lambda: None  # after a timed call, untimed: give intermediate memory back
 
     @property
     def label(self) -> str:
@@ -141,14 +142,17 @@ def ov_kernels(compiled: Any) -> dict[str, int]:
     return dict(counts)
 
 
-def ov_engine(form: str, model_path: Path, threads: int, hint: str = "f32", cache_dir: Path | None = None) -> Engine:
+def ov_engine(form: str, model_path: Path, threads: int, hint: str = "f32", cache_dir: Path | None = None,
+              release_memory: bool = False) -> Engine:
+    """``release_memory``: after each timed call the compiled model frees its intermediate buffers (outside the
+    timing), so engines open together do not each hold their peak at once (SD 1.5 at batch 8)."""
     from qdc_export.engines.openvino import OvDenoiser, OvEngine, compile_model
 
     compiled = compile_model(model_path, cache_dir=cache_dir, precision_hint=hint, threads=threads)
     engine = OvEngine(compiled)
     runtime = "openvino" if hint == "f32" else f"openvino-{hint}"
     return Engine(form, runtime, lambda feeds: engine.run(None, feeds), OvDenoiser(engine), ov_kernels(compiled),
-                  engine.input_names)
+                  engine.input_names, compiled.release_memory if release_memory else (lambda: None))
 
 
 def calibration_feeds(model: Any, steps: int, samples: int, log: Callable[[str], None]) -> list[dict[str, np.ndarray]]:
@@ -219,17 +223,22 @@ def random_feeds(input_names: list[str], shapes: dict[str, list[int]], batch: in
     return feeds
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each entry, the entries taking turns (machine drift hits them alike)."""
-    for fn in calls.values():
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+                after: dict[str, Callable[[], None]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each entry, the entries taking turns (machine drift hits them alike); ``after[key]``
+    runs untimed after each of that entry's calls."""
+    after = after or {}
+    for key, fn in calls.items():
         for _ in range(warmup):
             fn()
+            after.get(key, lambda: None)()
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
+            after.get(key, lambda: None)()
     return times
 
 

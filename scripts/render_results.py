@@ -296,7 +296,7 @@ def block_engine_speed() -> str:
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
         run, settings = result.get("run", meta["run"]), result.get("settings", {})
-        lines += [f"**{result['model']}**: `{run['command']}` (commit {str(run['git_commit'])[:7]}), "
+        lines += [f"**{result.get('label', result['model'])}**: `{run['command']}` (commit {str(run['git_commit'])[:7]}), "
                   f"{settings.get('calls', meta['calls'])} calls", "",
                   "| runtime / form | " + " | ".join(f"batch {b}: ms, x ORT FP32, x OV FP32" for b in batches)
                   + " | PSNR vs FP |", "|---|" + "---|" * len(batches) + "---|"]
