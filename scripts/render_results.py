@@ -284,11 +284,41 @@ def block_scale() -> str:
     return "\n".join(lines)
 
 
+CPU_TARGETS = (("--target openvino", ("openvino", "reference")), ("--target onnxruntime-cpu", ("onnxruntime", "cpu")))
+
+
+def _engine_speed_lead(models: list[dict[str, Any]]) -> list[str]:
+    """One line per model and batch: each CPU target's engine against both FP32 baselines, and its fidelity
+    against the reference form (the onnxruntime form on ONNX Runtime)."""
+    lines = ["The CPU targets against the FP32 export of the same model on both runtimes (engine call, median of "
+             "interleaved calls), and their final-image PSNR against the reference W8A8 form (DDIM 20, trained models; "
+             "the SD 1.5 architecture has random weights, so speed only):", ""]
+    for result in models:
+        by = {(r["runtime"], r["form"]): r for r in result["rows"]}
+        ref_psnr = by.get(("onnxruntime", "reference"), {}).get("fidelity", {}).get("psnr_db_mean")
+        for batch in list(result["rows"][0]["per_call"]):
+            parts = []
+            for target, key in CPU_TARGETS:
+                if key not in by:
+                    continue
+                row, text = by[key], ""
+                s = row["speedup"][batch]
+                text = (f"`{target}` {s.get('vs_ov_fp32', math.nan):.2f}x OpenVINO FP32 / "
+                        f"{s.get('vs_ort_fp32', math.nan):.2f}x ONNX Runtime FP32")
+                psnr = row.get("fidelity", {}).get("psnr_db_mean")
+                if psnr is not None and ref_psnr is not None:
+                    text += f", {psnr - ref_psnr:+.2f} dB vs the reference form"
+                parts.append(text)
+            lines.append(f"- **{result.get('label', result['model'])}**, batch {batch}: " + "; ".join(parts) + ".")
+    return [*lines, ""]
+
+
 def block_engine_speed() -> str:
     """The lead of the results: each CPU engine's speed against FP32 on both runtimes, with its fidelity."""
     payload = _json(RESULTS / "engine_speed.json")
     meta = payload["meta"]
-    lines = [f"Speed on this CPU ({meta['cpu']}, {meta['threads']} threads), per engine call (median of interleaved "
+    lines = _engine_speed_lead(payload["models"]) + [
+             f"Speed on this CPU ({meta['cpu']}, {meta['threads']} threads), per engine call (median of interleaved "
              "calls), against ONNX Runtime FP32 and OpenVINO FP32 (f32 precision) of the same model, with each "
              "engine's final-image PSNR against the FP model (DDIM 20, trained models only). From "
              "`benchmarks/results/engine_speed.md`, which has per-generation times, p10/p90, kernels and each "
