@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdc_export.engines.providers import create_session
-from qdc_export.export.onnx_weights import fold_weight_transposes
+from qdc_export.export.onnx_weights import fold_weight_transposes, fold_zero_point_casts
 
 
 def _linear_model(per_channel: bool, weight_readers: int = 1) -> onnx.ModelProto:
@@ -87,3 +87,31 @@ def test_fold_leaves_shared_weights_alone():
     ir_model = ir.from_proto(_linear_model(True, weight_readers=2))
     assert fold_weight_transposes(ir_model) == 0
     assert [n.op_type for n in ir_model.graph] == ["DequantizeLinear", "Transpose", "MatMul", "DequantizeLinear"]
+
+
+def test_zero_point_cast_becomes_a_constant_and_keeps_outputs():
+    """A per-channel zero point computed as Cast(initializer) (what the exporter leaves for zero points over its
+    folding size limit) becomes an initializer: outputs unchanged, and TensorRT's R1 rule satisfied."""
+    from qdc_export.engines.trt_rules import check_tensorrt_compatibility as tensorrt_violations
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(6, 5), dtype=np.int8)
+    scale = (rng.random(6) * 0.1 + 0.01).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["zp_int32"], ["zp"], to=TensorProto.INT8),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "zp"], ["w"], axis=0),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "zp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        initializer=[numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(scale, "w_scale"),
+                     numpy_helper.from_array(np.zeros(6, dtype=np.int32), "zp_int32")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert any(v.rule == "R1" for v in tensorrt_violations(model)), "the unfolded model should break R1"
+    ir_model = ir.from_proto(model)
+    assert fold_zero_point_casts(ir_model) == 1
+    folded = ir.to_proto(ir_model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "MatMul"]
+    assert not [v for v in tensorrt_violations(folded) if v.rule == "R1"]
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(folded, x)[0], _run(model, x)[0])

@@ -9,6 +9,11 @@ w8a8 SDXL UNet (2.7 GB of INT8 weights) session creation peaked at +19 GB and ke
 the same values. Per-channel / per-tensor INT8: the scale and zero point are unchanged and the axis
 swaps. Blocked INT4 (blocks along K, ``axis=1``, scale [O, K / block]): the scale is transposed too and
 the blocks run along axis 0.
+
+Zero points: the exporter writes a per-channel zero point as ``Cast(initializer)``, and its constant folding
+skips inputs over 8192 elements (onnxscript's ``input_size_limit``), so on SD 1.5's wide layers six
+DequantizeLinear nodes read a computed zero point, which TensorRT rejects (rule R1, engines/trt_rules.py).
+:func:`fold_zero_point_casts` stores the cast initializer instead.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["fold_weight_transposes"]
+__all__ = ["fold_weight_transposes", "fold_zero_point_casts"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -86,5 +91,35 @@ def fold_weight_transposes(model: ir.Model) -> int:
         dequantize.outputs[0].shape = transpose.outputs[0].shape
         transpose.outputs[0].replace_all_uses_with(dequantize.outputs[0])
         graph.remove(transpose, safe=True)
+        folded += 1
+    return folded
+
+
+def fold_zero_point_casts(model: ir.Model) -> int:
+    """In place: every Q/DQ zero point computed as ``Cast(initializer)`` becomes an initializer of the cast
+    type (the Cast and the source initializer go where nothing else reads them). Returns how many."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+        cast = zero_point.producer() if zero_point is not None else None
+        if cast is None or cast.op_type != "Cast" or cast.domain not in _DEFAULT_DOMAINS:
+            continue
+        source = cast.inputs[0]
+        if source is None or not source.is_initializer() or source.const_value is None:
+            continue
+        dtype = ir.DataType(cast.attributes["to"].as_int())
+        array = source.const_value.numpy().astype(dtype.numpy())
+        name = f"{source.name}_as_{dtype.name.lower()}"
+        if name not in graph.initializers:
+            graph.register_initializer(ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                                                const_value=ir.Tensor(array, name=name)))
+        node.replace_input_with(2, graph.initializers[name])
+        if not cast.outputs[0].uses() and not cast.outputs[0].is_graph_output():
+            graph.remove(cast, safe=True)
+            if not source.uses() and source.name is not None:
+                graph.initializers.pop(source.name)
         folded += 1
     return folded

@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 import torch
 
-from qdc_export.export.onnx_weights import fold_weight_transposes
+from qdc_export.export.onnx_weights import fold_weight_transposes, fold_zero_point_casts
 from qdc_export.infra.memory import release_memory
 from qdc_export.quantize.fake_quant import ONNX_TRANSLATIONS
 from qdc_export.quantize.int4 import pack_int4_initializers
@@ -72,6 +72,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path
     assert program is not None
     strip_exporter_metadata(program.model)
     fold_weight_transposes(program.model)  # DQ -> Transpose -> MatMul would be constant-folded to FP32 by runtimes
+    fold_zero_point_casts(program.model)  # TensorRT needs constant zero points (R1)
     if half is not None:
         import onnx_ir as ir
 
