@@ -86,7 +86,7 @@ class TensorRTStyleQuantizer(Quantizer):
                 name = layer_name(node, plan.module_prefix)
                 if name is None:
                     continue
-                if layer_is_float(name, float_globs=plan.float_layers, include=plan.include):
+                if layer_is_float(name, float_globs=plan.float_layers, include=plan.include) or self.stays_float(node):
                     self.float_layers.append(name)
                     continue
                 qspec_map = {node.args[1]: _weight_spec()} if plan.weight_bits == 8 else {}
@@ -99,6 +99,10 @@ class TensorRTStyleQuantizer(Quantizer):
                 qspec_map = {arg: act for arg in node.args[:3] if isinstance(arg, torch.fx.Node)}
                 node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qspec_map, _annotated=True)
         return model
+
+    def stays_float(self, node: torch.fx.Node) -> bool:
+        """A layout's own float rule for a Conv/Linear call, on top of the plan's globs (none here)."""
+        return False
 
     def validate(self, model: torch.fx.GraphModule) -> None:
         return None

@@ -30,7 +30,7 @@ import torch.fx
 from torchao.quantization.pt2e import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
 
-from qdc_export.quantize.annotate import ANNOTATION_KEY, QuantizationPlan, TensorRTStyleQuantizer, layer_name
+from qdc_export.quantize.annotate import ANNOTATION_KEY, QuantizationPlan, TensorRTStyleQuantizer
 from qdc_export.quantize.observers import AsymmetricPercentileObserver, activation_observer
 
 ACTIVATION_DTYPES = ("uint8", "int8")
@@ -67,6 +67,9 @@ class CpuFormQuantizer(TensorRTStyleQuantizer):
         self.output_observer = output_observer
         self.float_residual_convs = float_residual_convs
 
+    def stays_float(self, node: torch.fx.Node) -> bool:
+        return self.float_residual_convs and node.target in self.output_ops and joins_residual(node)
+
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         super().annotate(model)
         act = cpu_activation_spec(self.plan, self.activation_dtype, self.asymmetric)
@@ -78,12 +81,6 @@ class CpuFormQuantizer(TensorRTStyleQuantizer):
         for node in model.graph.nodes:
             annotation = node.meta.get(ANNOTATION_KEY)
             if annotation is None:
-                continue
-            if self.float_residual_convs and node.target in self.output_ops and joins_residual(node):
-                del node.meta[ANNOTATION_KEY]
-                name = layer_name(node, self.plan.module_prefix)
-                self.quantized_layers.remove(name)
-                self.float_layers.append(name)
                 continue
             # every annotated activation (conv/linear input, attention inputs) takes the form's type; weights keep theirs
             qspecs = {arg: (spec if arg is node.args[1] and len(node.args) > 1 and spec.dtype == torch.int8
@@ -99,14 +96,12 @@ def joins_residual(node: torch.fx.Node) -> bool:
     """The node's output is added to another tensor of its own shape (a residual join; ``x + temb`` broadcasts a
     [B, C, 1, 1] tensor and is not one)."""
     shape = getattr(node.meta.get("val"), "shape", None)
-    for user in node.users:
-        if user.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
-            continue
-        for other in user.args:
-            if other is not node and isinstance(other, torch.fx.Node) and shape is not None \
-                    and getattr(other.meta.get("val"), "shape", None) == shape:
-                return True
-    return False
+    if shape is None:
+        return False
+    return any(other is not node and isinstance(other, torch.fx.Node)
+               and getattr(other.meta.get("val"), "shape", None) == shape
+               for user in node.users if user.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+               for other in user.args)
 
 
 CPU_FORM_ACTIVATION_DTYPE = "uint8"  # U8S8: S8S8 did not fuse on ONNX Runtime's x86 CPU provider (docs/cpu.md)

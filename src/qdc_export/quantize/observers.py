@@ -20,6 +20,11 @@ def _strided_sample(x: torch.Tensor) -> torch.Tensor:
     return flat[:: flat.numel() // _MAX_SAMPLE + 1] if flat.numel() > _MAX_SAMPLE else flat
 
 
+def _kth_rank(n: int, percent: float, offset: int = 0) -> int:
+    """1-based rank of the ``percent``-th percentile among ``n`` values (plus ``offset``), clamped to 1..n."""
+    return max(1, min(n, int(round(n * percent / 100.0)) + offset))
+
+
 class PercentileObserver(MinMaxObserver):
     def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -29,29 +34,24 @@ class PercentileObserver(MinMaxObserver):
         if x_orig.numel() == 0:
             return x_orig
         flat = _strided_sample(x_orig.detach().abs())
-        k = max(1, min(flat.numel(), int(round(flat.numel() * self.percentile / 100.0))))
-        amax = flat.kthvalue(k).values
+        amax = flat.kthvalue(_kth_rank(flat.numel(), self.percentile)).values
         self.min_val.copy_(torch.minimum(self.min_val, -amax))
         self.max_val.copy_(torch.maximum(self.max_val, amax))
         return x_orig
 
 
-class AsymmetricPercentileObserver(MinMaxObserver):
+class AsymmetricPercentileObserver(PercentileObserver):
     """Per call the p-th percentile of x and the (100 - p)-th, collapsed by max / min over calls: the percentile
     observer's outlier rule for an affine (UINT8) range, which a one-sided activation fills on one side only
     (the CPU form, quantize.annotate_cpu)."""
-
-    def __init__(self, *args, percentile: float = 99.99, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.percentile = percentile
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         if x_orig.numel() == 0:
             return x_orig
         flat = _strided_sample(x_orig.detach())
         n = flat.numel()
-        hi = flat.kthvalue(max(1, min(n, round(n * self.percentile / 100.0)))).values
-        lo = flat.kthvalue(max(1, min(n, round(n * (100.0 - self.percentile) / 100.0) + 1))).values
+        hi = flat.kthvalue(_kth_rank(n, self.percentile)).values
+        lo = flat.kthvalue(_kth_rank(n, 100.0 - self.percentile, offset=1)).values
         self.min_val.copy_(torch.minimum(self.min_val, torch.minimum(lo, torch.zeros_like(lo))))
         self.max_val.copy_(torch.maximum(self.max_val, torch.maximum(hi, torch.zeros_like(hi))))
         return x_orig
