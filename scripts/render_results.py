@@ -301,7 +301,7 @@ def _engine_speed_lead(models: list[dict[str, Any]]) -> list[str]:
             for target, key in CPU_TARGETS:
                 if key not in by:
                     continue
-                row, text = by[key], ""
+                row = by[key]
                 s = row["speedup"][batch]
                 text = (f"`{target}` {s.get('vs_ov_fp32', math.nan):.2f}x OpenVINO FP32 / "
                         f"{s.get('vs_ort_fp32', math.nan):.2f}x ONNX Runtime FP32")
