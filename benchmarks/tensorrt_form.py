@@ -25,6 +25,8 @@ def run(models: list[str], precisions: list[str], steps: int, calib: int, parity
     from qdc_export.cli import _quiet_third_party
     from qdc_export.config import BuildConfig
     from qdc_export.engines.trt_rules import OLDEST_SUPPORTED, check_tensorrt_compatibility
+    from qdc_export.errors import RejectedBuild
+    from qdc_export.infra.staging import failed_folder
 
     _quiet_third_party()
     rows = []
@@ -37,20 +39,26 @@ def run(models: list[str], precisions: list[str], steps: int, calib: int, parity
                     config = BuildConfig(precision=precision, target=target, steps=steps, calib_samples=calib,
                                          parity_samples=parity)
                     start = time.perf_counter()
-                    result = build(source, config, out, write_report=False)
+                    try:
+                        result = build(source, config, out, write_report=False)
+                        checked, manifest = result.parity, result.manifest
+                    except RejectedBuild:  # a failed check keeps the folder beside --out: its numbers are the row
+                        out = failed_folder(out)
+                        checked, manifest = (json.loads((out / name).read_text()) for name in ("parity.json",
+                                                                                                "manifest.json"))
                     proto = onnx.load(str(out / "model.onnx"))
                     rules = sorted({v.rule for v in check_tensorrt_compatibility(proto)})
                     halves = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
-                    traj = result.parity.get("trajectory", {})
+                    traj = checked.get("trajectory", {})
                     rows.append({
                         "model": model, "precision": precision, "target": target,
-                        "network_float": result.manifest["target"].get("network_float", "fp32"),
+                        "network_float": manifest["target"].get("network_float", "fp32"),
                         "fp16_initializers": halves,
                         f"rules_broken_at_{OLDEST_SUPPORTED}": rules,
-                        "min_step_snr_db": result.parity["worst"].get("min_snr_db"),
+                        "min_step_snr_db": checked["worst"].get("min_snr_db"),
                         "psnr_vs_fp_pytorch_db": traj.get("mean_psnr_pytorch_db"),
                         "psnr_vs_fp_ort_db": traj.get("mean_psnr_onnxruntime_db"),
-                        "parity_passed": result.parity.get("passed"),
+                        "parity_passed": checked.get("passed"),
                         "build_s": round(time.perf_counter() - start, 1),
                     })
                     print(json.dumps(rows[-1]), flush=True)

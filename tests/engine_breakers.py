@@ -29,11 +29,16 @@ def _weight_dequantizers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, o
     return found
 
 
-def _middle_layer(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.TensorProto]:
-    """The quantized layer halfway through the graph: not the first or last, whose errors are easiest to see."""
+def _layer_at(model: onnx.ModelProto, fraction: float) -> tuple[onnx.NodeProto, onnx.TensorProto]:
+    """The quantized layer at ``fraction`` of the way through the graph (graph order)."""
     layers = _weight_dequantizers(model)
     assert layers, "no quantized weights in the model"
-    return layers[len(layers) // 2]
+    return layers[int(len(layers) * fraction)]
+
+
+def _middle_layer(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.TensorProto]:
+    """The quantized layer halfway through the graph: not the first or last, whose errors are easiest to see."""
+    return _layer_at(model, 0.5)
 
 
 def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
@@ -56,10 +61,11 @@ def _rewrite(folder: Path, edit) -> str:
     return what
 
 
-def double_one_weight_scale(folder: Path) -> str:
-    """One layer's weight dequantization scale x2 (a wrong scale written at export)."""
+def double_one_weight_scale(folder: Path, fraction: float = 0.5) -> str:
+    """One layer's weight dequantization scale x2 (a wrong scale written at export); the layer at ``fraction``
+    of the graph (default: the middle one)."""
     def edit(model: onnx.ModelProto) -> str:
-        node, _ = _middle_layer(model)
+        node, _ = _layer_at(model, fraction)
         inits = {i.name: i for i in model.graph.initializer}
         scale = numpy_helper.to_array(inits[node.input[1]])
         _replace_initializer(model, node.input[1], (scale * 2).astype(scale.dtype))
@@ -104,8 +110,41 @@ def shift_compensation_table(folder: Path) -> str:
     return _rewrite(folder, edit)
 
 
+def scale_output_at_step(folder: Path, row: int, factor: float) -> str:
+    """The engine's noise_pred multiplied by ``factor`` at one timestep of the build's schedule only (row ``row``
+    of manifest timesteps; -1 = the last step): a fault a per-step check sees at one step of twenty, and one
+    that hardly moves the final image when it is the last step."""
+    timesteps = json.loads((folder / MANIFEST).read_text())["scheduler"]["timesteps"]
+    t = float(timesteps[row])
+
+    def edit(model: onnx.ModelProto) -> str:
+        out = model.graph.output[0].name
+        raw = out + "_before_fault"
+        for node in model.graph.node:
+            node.output[:] = [raw if o == out else o for o in node.output]
+            node.input[:] = [raw if i == out else i for i in node.input]
+        timestep = model.graph.input[1].name
+        consts = {"fault_t": np.array(t, np.float32), "fault_factor": np.array(factor, np.float32),
+                  "fault_one": np.array(1.0, np.float32), "fault_shape": np.array([-1, 1, 1, 1], np.int64)}
+        model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+        model.graph.node.extend([
+            onnx.helper.make_node("Equal", [timestep, "fault_t"], ["fault_hit"]),
+            onnx.helper.make_node("Where", ["fault_hit", "fault_factor", "fault_one"], ["fault_gain"]),
+            onnx.helper.make_node("Reshape", ["fault_gain", "fault_shape"], ["fault_gain_b"]),
+            onnx.helper.make_node("Mul", [raw, "fault_gain_b"], [out]),
+        ])
+        return f"{out} x{factor} at timestep {t:g} only"
+    return _rewrite(folder, edit)
+
+
 BREAKERS = {
     "weight-scale-x2": double_one_weight_scale,
+    "weight-scale-x2-early": lambda folder: double_one_weight_scale(folder, 0.25),
     "negated-channel": negate_one_output_channel,
+    "output-x0.7-last-step": lambda folder: scale_output_at_step(folder, -1, 0.7),
+    "output-x0.8-mid-step": lambda folder: scale_output_at_step(folder, len(json.loads(
+        (folder / MANIFEST).read_text())["scheduler"]["timesteps"]) // 2, 0.8),
     "shifted-table": shift_compensation_table,
 }
+# breakers that need a folded compensation head
+NEEDS_TABLES = ("shifted-table",)

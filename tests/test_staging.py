@@ -50,3 +50,35 @@ def test_build_interrupted_during_export_leaves_no_folder(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_module.build("tiny-unet2d", BuildConfig(precision="fp32", steps=2), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_that_fails_its_check_is_kept_aside_and_leaves_out_alone(tmp_path, monkeypatch):
+    """A build whose engine is wrong (one weight scale doubled inside the staging folder, then the real check)
+    raises RejectedBuild: --out keeps the previous build, the failed one sits beside it as OUT.failed-check."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_breakers import double_one_weight_scale
+
+    from qdc_export.errors import RejectedBuild
+    from qdc_export.infra.staging import failed_folder
+
+    real_check = build_module.check_build
+
+    def check_a_broken_engine(folder, **kwargs):
+        double_one_weight_scale(folder)
+        return real_check(folder, **kwargs)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("previous")
+    monkeypatch.setattr(build_module, "check_build", check_a_broken_engine)
+    config = BuildConfig(precision="w8a8", steps=4, calib_samples=2, parity_samples=1, compensation="none")
+    with pytest.raises(RejectedBuild) as raised:
+        build_module.build("tiny-unet2d", config, out, force=True, write_report=False)
+    aside = failed_folder(out)
+    assert str(aside) in str(raised.value) and str(raised.value).startswith("parity check failed: FAIL")
+    assert (out / "manifest.json").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed-check"]
+    assert (aside / "parity.json").is_file() and (aside / "model.onnx").is_file()

@@ -20,7 +20,7 @@ from qdc_export.check.parity import ParityTolerances, summarize
 from qdc_export.compensation.stage import add_compensation
 from qdc_export.config import BuildConfig
 from qdc_export.engines.targets import prepare_tensorrt
-from qdc_export.errors import UserError
+from qdc_export.errors import RejectedBuild, UserError
 from qdc_export.export.to_onnx import export_onnx
 from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.infra.reproducible import save_program
@@ -138,6 +138,8 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             content["parity_summary"] = summarize(parity)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         manifest = write_manifest(staging, content, unhashed={"created": created, "timings_s": timer.timings})
+        if parity and not parity["passed"]:  # staged_folder keeps it aside as NAME.failed-check
+            raise RejectedBuild(f"parity check failed: {content['parity_summary']}")
         if write_report:  # derived from the artifacts above, written after the manifest (not hashed)
             with timer.stage("report"):
                 _write_report(staging, model=None if model.released else model, num=8)

@@ -162,10 +162,8 @@ def build(model, precision, scheduler, scheduler_config, scheduler_override, ste
                    f"{validation['psnr_with_db']:.2f} dB with (gain {validation['gain_db']:+.2f} +- "
                    f"{validation.get('gain_se_db', 0.0):.2f} dB)"
                    + (" (--no-comp-validate folds it anyway)" if compensation.get("rejected") else ""))
-    if result.parity:
+    if result.parity:  # a failed check raised RejectedBuild in the build (kept as OUT.failed-check)
         click.echo(summarize(result.parity))
-        if not result.parity["passed"]:
-            raise UserError(f"parity check failed; see {out / 'parity.json'}")
 
 
 @main.command()

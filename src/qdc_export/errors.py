@@ -18,6 +18,15 @@ class ParityError(UserError):
     """An exported model does not behave like its PyTorch reference within the stated tolerances."""
 
 
+class RejectedBuild(ParityError):
+    """A build that failed its parity check: its staging folder is kept beside ``--out`` as
+    ``NAME.failed-check`` for inspection, never moved into ``--out`` (infra/staging.py)."""
+
+    def __init__(self, summary: str) -> None:
+        super().__init__(summary)
+        self.summary = summary
+
+
 class CalibrationError(UserError):
     """Calibration saw NaN/Inf or left ranges without data."""
 

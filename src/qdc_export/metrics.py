@@ -9,7 +9,9 @@ import torch
 
 
 def error_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """max/mean/p99 absolute error, SNR (dB) and cosine similarity of ``actual`` against ``reference``."""
+    """max/mean/p99 absolute error, SNR (dB), cosine similarity and gain of ``actual`` against ``reference``. The gain
+    <reference, actual> / <reference, reference> is the least-squares scale from one to the other: a scaled output
+    moves it by the scale (cosine cannot see a scaling), an error orthogonal to the output barely moves it."""
     ref = np.asarray(reference, dtype=np.float64).ravel()
     act = np.asarray(actual, dtype=np.float64).ravel()
     diff = np.abs(ref - act)
@@ -22,6 +24,7 @@ def error_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
         "p99_abs": float(np.quantile(diff, 0.99)),
         "snr_db": math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise),
         "cosine": 1.0 if denom == 0 else float(np.dot(ref, act) / denom),
+        "gain": 1.0 if not ref.any() else float(np.dot(ref, act) / np.dot(ref, ref)),
     }
 
 

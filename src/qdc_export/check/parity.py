@@ -11,13 +11,17 @@ depends on the graph: with 4-bit activations one flip moves a value by a whole s
 and a poorly trained model amplifies a flip over the trajectory. So the check first measures the reference
 graph's *noise floor*: the same PyTorch graph against itself with every quantizer input moved ``noise_ulps`` ulp
 up or down at random (:class:`RoundingNoise`, two draws), per step at the recorded inputs and over whole
-trajectories. That is the kind of difference another runtime's kernels make. The engine passes a step when its
-SNR (cosine) is at least ``min(absolute threshold, floor - noise_floor_margin_db)``, and a trajectory when its
-PSNR gap is at most ``trajectory_psnr_margin_db`` plus the largest gap the noisy reference showed. Where the
-graph is well-conditioned the floor is far above the absolute thresholds, which then decide alone. A broken
-engine (a wrong scale, a negated channel) changes every call by far more than a rounding flip and fails; the
-compensation head, exact arithmetic, is checked elementwise (check/head.py). docs/parity.md has the measurements
-behind ``noise_ulps``; tests/test_parity_power.py shows the power."""
+trajectories. That is the kind of difference another runtime's kernels make. The engine passes when all hold:
+- every step: SNR (cosine) >= min(absolute threshold, the floor's worst step - margin): the catastrophic step;
+- the median step SNR >= the median under a gentler ``median_noise_ulps`` noise - margin: a fault in a layer
+  lowers every step, a rounding flip lowers one;
+- every step's gain (least-squares scale of the engine's output on the reference's) within twice the floor's
+  largest deviation: an output scaled at one step, which cosine cannot see;
+- the final images against the reference graph's own images >= the noisy reference's agreement - margin, and
+  the final-image PSNR against FP within a margin of the reference's.
+The compensation head, exact arithmetic, is checked elementwise (check/head.py). docs/parity.md has the
+measurements behind the sizes; benchmarks/results/parity_power.md and tests/test_parity_power.py show the power
+on the trained models, with the faults of tests/engine_breakers.py."""
 
 from __future__ import annotations
 
@@ -58,6 +62,27 @@ class ParityTolerances:
     # step-0 flip on tiny-sdxl W8A8 and 4 ulp one on a tiny-unet2d W4A4 build (11.4 dB at a step whose 4-ulp
     # floor was 122 dB); benchmarks/results/noise_floor.md.
     noise_ulps: float = 16.0
+    # The typical step and the final images (docs/parity.md, "Power on trained models"). 16 ulp on *every*
+    # quantizer input is a pessimistic floor that leaves room for rare flips at any step, but at W4A4 it sits
+    # as low as a layer with its weight scale doubled (digits-uncond: per-step median 39.3 dB under the noise,
+    # 36.5 dB for the broken engine, 44.9 dB for the honest ONNX Runtime engine). So two more rules:
+    # - the engine's median step SNR >= the median of the reference under a gentler ``median_noise_ulps`` noise
+    #   (the typical size of a kernel difference) minus ``median_margin_db``; a flip at one step does not move a
+    #   median, a fault in a layer moves every step;
+    # - the engine's final images against the reference's own (mean per-seed PSNR) >= the noisy reference's
+    #   images against the reference's own (worse draw, ``noise_ulps``) minus ``image_margin_db``.
+    # Where the noise moves nothing (a tiny graph with no value near a rounding boundary: SNR inf, images 100 dB)
+    # the floor is capped, so an engine that flips where the noise did not is held to agreement a fault breaks
+    # (measured faults: median steps 14-41 dB, images 41-49 dB; benchmarks/results/parity_power.md).
+    median_noise_ulps: float = 4.0
+    median_margin_db: float = 3.0
+    image_margin_db: float = 3.0
+    floor_cap_db: float = 60.0
+    # Per-step gain (least-squares scale of the engine's output on the reference's): measured noise-floor deviations
+    # 0.0054 (digits-uncond W4A4, 20 steps) and 0.047 (tiny-unet2d W4A4, where a flip moved a step by 0.047); an
+    # output scaled by 0.8 at one step deviates by 0.2.
+    gain_factor: float = 2.0
+    gain_atol: float = 1e-3
 
 
 class RecordingDenoiser:
@@ -189,31 +214,27 @@ def _step_noise_floor(module: Any, feeds: list[OrderedDict[str, np.ndarray]], re
             "per_step_snr_db": [min(d[k]["snr_db"] for d in draws) for k in range(len(feeds))],
             "per_step_cosine": [min(d[k]["cosine"] for d in draws) for k in range(len(feeds))],
             "by_draw_snr_db": {k: [s["snr_db"] for s in v] for k, v in by_draw.items()},
-            "by_draw_cosine": {k: [s["cosine"] for s in v] for k, v in by_draw.items()}}
-
-
-def _rank_floor(by_draw: dict[str, list[float]]) -> list[float]:
-    """The floor's order statistics: the i-th worst step of each draw, the worst of the draws."""
-    ranked = [sorted(values) for values in by_draw.values()]
-    return [min(r[i] for r in ranked) for i in range(len(ranked[0]))]
+            "by_draw_cosine": {k: [s["cosine"] for s in v] for k, v in by_draw.items()},
+            "by_draw_gain": {k: [s["gain"] for s in v] for k, v in by_draw.items()}}
 
 
 def required_step_thresholds(floor: dict, engine_steps: list[dict[str, float]],
                              tol: ParityTolerances) -> tuple[list[float], list[float]]:
-    """Per step: SNR >= min(absolute, floor - margin), cosine likewise with the margin applied to 1 - cosine (for
-    small errors 1 - cosine is proportional to noise / signal: margin dB on SNR is a factor 10**(margin/10)).
+    """Every step: SNR >= min(absolute, worst floor step - margin), cosine likewise with the margin applied to
+    1 - cosine (for small errors 1 - cosine is proportional to noise / signal: margin dB on SNR is a factor
+    10**(margin/10)). This rule is for the catastrophic step (a NaN, an output that is noise).
 
-    A flip is a rare event that lands on a step at random, in the engine as in the noisy reference, so steps are
-    matched by rank, not by index: the engine's i-th worst step is held to the floor's i-th worst step (the
-    worse of the draws). One flip at step 3 in the engine and at step 7 under the noise is then the same event;
-    a broken engine, bad at every step, still fails at the ranks where the floor is high."""
+    A rounding flip is a rare event that lands on a step at random, and an honest engine may flip at more steps
+    than either noise draw did, so the engine's steps are held to the floor's *worst* step, not step by step or
+    rank by rank. Measured: rank-matching failed the honest tiny-unet2d W4A4 build (4 steps; ONNX Runtime flipped
+    at two steps, each noise draw at one). Faults that lower every step are the median rule's, a step with a
+    scaled output the gain rule's (:func:`_typical_step_rule`, :func:`_gain_rule`)."""
     factor = 10 ** (tol.noise_floor_margin_db / 10)
-    snr_floor, cos_floor = _rank_floor(floor["by_draw_snr_db"]), _rank_floor(floor["by_draw_cosine"])
-    snr_rank = np.argsort(np.argsort([s["snr_db"] for s in engine_steps], kind="stable"), kind="stable")
-    cos_rank = np.argsort(np.argsort([s["cosine"] for s in engine_steps], kind="stable"), kind="stable")
-    snr = [min(tol.step_min_snr_db, snr_floor[r] - tol.noise_floor_margin_db) for r in snr_rank]
-    cos = [min(tol.step_min_cosine, 1.0 - (1.0 - cos_floor[r]) * factor) for r in cos_rank]
-    return snr, cos
+    worst_snr = min(min(v) for v in floor["by_draw_snr_db"].values())
+    worst_cos = min(min(v) for v in floor["by_draw_cosine"].values())
+    snr = min(tol.step_min_snr_db, worst_snr - tol.noise_floor_margin_db)
+    cos = min(tol.step_min_cosine, 1.0 - (1.0 - worst_cos) * factor)
+    return [snr] * len(engine_steps), [cos] * len(engine_steps)
 
 
 def _psnr_vs_fp(fp_images: torch.Tensor, final_latents: torch.Tensor) -> torch.Tensor:
@@ -234,13 +255,18 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     torch_iters = recorder.outputs
     log_resident("check: reference trajectory run")
     floor: dict[str, Any] | None = None
+    typical_floor: dict[str, Any] | None = None
     noisy_psnr: dict[str, torch.Tensor] = {}
+    noisy_vs_reference: dict[str, torch.Tensor] = {}
+    reference_images = latents_to_images(ref_traj.final)
     if case.quantized:
         floor = _step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.noise_ulps)
+        typical_floor = _step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.median_noise_ulps)
         for seed in NOISE_SEEDS:
             inner = TorchDenoiser(reference_module, case.cond_names, stateful=case.stateful)
-            noisy_psnr[str(seed)] = _psnr_vs_fp(fp_images, _trajectories(
-                case, seeds, NoisyDenoiser(inner, seed, tol.noise_ulps)).final)
+            noisy_final = _trajectories(case, seeds, NoisyDenoiser(inner, seed, tol.noise_ulps)).final
+            noisy_psnr[str(seed)] = _psnr_vs_fp(fp_images, noisy_final)
+            noisy_vs_reference[str(seed)] = _psnr_vs_fp(reference_images, noisy_final)
         log_resident("check: reference noise floor measured")
     del reference_module, recorder.inner
     release_memory()
@@ -288,6 +314,9 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
         report["noise_floor"] = {**floor, "required_snr_db": snr_req, "required_cosine": cos_req,
                                  "step_passed": step_passed}
         ort_final = _trajectories(case, seeds, denoiser_for(session)).final
+        report["typical_step"] = _typical_step_rule(per_step, typical_floor, tol)
+        report["step_gain"] = _gain_rule(per_step, floor, tol)
+        report["images_vs_reference"] = _image_rule(_psnr_vs_fp(reference_images, ort_final), noisy_vs_reference, tol)
         psnr_ref = _psnr_vs_fp(fp_images, ref_traj.final)
         psnr_ort = _psnr_vs_fp(fp_images, ort_final)
         gap = abs(float(psnr_ort.mean()) - float(psnr_ref.mean()))
@@ -302,16 +331,59 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
             "gap_db": gap,
             "noisy_reference_gap_db": max(noisy_gaps.values()),
             "allowed_gap_db": allowed,
-            # informational: how far the final images are from the reference's own (not from FP)
-            "psnr_onnxruntime_vs_pytorch_db": float(psnr(latents_to_images(ref_traj.final),
-                                                         latents_to_images(ort_final)).clamp(max=100.0).mean()),
         }
-        passed = passed and gap <= allowed
+        passed = (passed and gap <= allowed and report["typical_step"]["passed"] and report["step_gain"]["passed"]
+                  and report["images_vs_reference"]["passed"])
     report["passed"] = passed
     return ParityRun(report, recorder.feeds, results)
 
 
+def _typical_step_rule(per_step: list[dict[str, float]], typical_floor: dict[str, Any] | None,
+                       tol: ParityTolerances) -> dict[str, Any]:
+    """Median step SNR of the engine against the median of the reference under ``median_noise_ulps`` noise (the
+    worse draw): a fault in one layer lowers every step, a rounding flip lowers one."""
+    assert typical_floor is not None
+    floor_median = min(float(np.median(v)) for v in typical_floor["by_draw_snr_db"].values())
+    median = float(np.median([s["snr_db"] for s in per_step]))
+    required = min(floor_median, tol.floor_cap_db) - tol.median_margin_db
+    return {"median_snr_db": median, "floor_median_snr_db": floor_median, "floor_ulps": tol.median_noise_ulps,
+            "floor_by_draw_snr_db": typical_floor["by_draw_snr_db"], "required_db": required,
+            "passed": median >= required}
+
+
+def _gain_rule(per_step: list[dict[str, float]], floor: dict[str, Any], tol: ParityTolerances) -> dict[str, Any]:
+    """Every step's least-squares gain of the engine's output on the reference's (1 for agreement; 0.8 for an output
+    scaled by 0.8 at that step, which cosine cannot see) within ``gain_factor`` times the largest deviation the
+    noisy reference shows at any step (16 ulp: flips move it too), and never held tighter than ``gain_atol``."""
+    floor_dev = max(abs(g - 1.0) for v in floor["by_draw_gain"].values() for g in v)
+    allowed = max(tol.gain_factor * floor_dev, tol.gain_atol)
+    worst = max(abs(s["gain"] - 1.0) for s in per_step)
+    return {"max_deviation": worst, "floor_max_deviation": floor_dev, "allowed_deviation": allowed,
+            "per_step_gain": [s["gain"] for s in per_step], "passed": worst <= allowed}
+
+
+def _image_rule(engine_vs_reference: torch.Tensor, noisy_vs_reference: dict[str, torch.Tensor],
+                tol: ParityTolerances) -> dict[str, Any]:
+    """Final images of the engine against the reference graph's own, per seed, held to the noisy reference's
+    agreement with the reference (its worse draw) less ``image_margin_db``."""
+    noisy = {d: float(v.mean()) for d, v in noisy_vs_reference.items()}
+    required = min(*noisy.values(), tol.floor_cap_db) - tol.image_margin_db
+    mean = float(engine_vs_reference.mean())
+    return {"psnr_db": [float(v) for v in engine_vs_reference], "mean_psnr_db": mean,
+            "noisy_reference_mean_psnr_db": noisy, "required_db": required, "passed": mean >= required}
+
+
 _RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
+def _power_rules_line(report: dict[str, Any]) -> str:
+    """The median-step and image rules' part of the summary (reports written before those rules have neither)."""
+    if "typical_step" not in report:
+        return ""
+    typical, images, gain = report["typical_step"], report["images_vs_reference"], report["step_gain"]
+    return (f"median step SNR {typical['median_snr_db']:.1f} dB (>= {typical['required_db']:.1f}); step gain off 1 by "
+            f"{gain['max_deviation']:.2g} (<= {gain['allowed_deviation']:.2g}); final images vs "
+            f"the reference's own {images['mean_psnr_db']:.2f} dB (>= {images['required_db']:.2f}); ")
 
 
 def summarize(report: dict[str, Any]) -> str:
@@ -329,7 +401,7 @@ def summarize(report: dict[str, Any]) -> str:
                 f"{w['min_cosine']:.5f} (>= {min(floor['required_cosine']):.5f}); final-image PSNR vs FP: "
                 f"PyTorch {t['mean_psnr_pytorch_db']:.2f} dB, {engine} {t['mean_psnr_onnxruntime_db']:.2f} dB, "
                 f"gap {t['gap_db']:.2f} dB (<= {t['allowed_gap_db']:.2f}: {tol['trajectory_psnr_margin_db']} + noisy "
-                f"reference's own {t['noisy_reference_gap_db']:.2f}); max abs {w['max_abs']:.3g} "
+                f"reference's own {t['noisy_reference_gap_db']:.2f}); {_power_rules_line(report)}max abs {w['max_abs']:.3g} "
                 f"mean {w['mean_abs']:.3g} p99 {w['p99_abs']:.3g}")
     if "compensation_head" in report:
         head = report["compensation_head"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import platform
 import shlex
 import subprocess
 from pathlib import Path
@@ -42,10 +44,29 @@ def git_state(root: Path = PACKAGE_DIR) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_load() -> dict[str, Any]:
+    """What else the machine was doing: load averages over 1, 5 and 15 minutes, cores, the CPU model."""
+    return {"load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model()}
+
+
 def run_provenance(program: str, argv: list[str]) -> dict[str, Any]:
-    """The record of one benchmark run: ``program`` and every argument as given, torch's thread count now."""
+    """The record of one benchmark run: ``program`` and every argument as given, torch's thread count, and the
+    machine's load when it started."""
     git = git_state()
     return {
+        **machine_load(),
         "command": " ".join([program, *(shlex.quote(a) for a in argv)]),
         "torch_threads": torch.get_num_threads(),
         "git_commit": git["commit"],

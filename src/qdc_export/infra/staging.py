@@ -1,6 +1,7 @@
 """Atomic build folders: everything is written to a hidden sibling staging folder, then renamed into
 place. An interrupted or failed build leaves the previous folder (or nothing), never a half-written one.
-Existing output is replaced only with ``force``.
+Existing output is replaced only with ``force``. A complete build that failed its parity check
+(:class:`RejectedBuild`) is kept beside the target as ``NAME.failed-check``, never in its place.
 
 A build killed outright (SIGKILL, power loss) cannot clean up after itself: it leaves its hidden
 ``.NAME.partial-PID`` (or, killed between the two renames, ``.NAME.old-PID`` holding the previous
@@ -15,7 +16,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from qdc_export.errors import OutputExistsError, UserError
+from qdc_export.errors import OutputExistsError, RejectedBuild, UserError
+
+FAILED_SUFFIX = ".failed-check"
+
+
+def failed_folder(out: Path) -> Path:
+    """Where a build that failed its check is kept: beside ``out``, never in its place."""
+    return out.with_name(out.name + FAILED_SUFFIX)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -70,6 +78,12 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+    except RejectedBuild as rejected:  # complete but wrong: kept for inspection under its own name
+        aside = failed_folder(out)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(staging, aside)
+        raise RejectedBuild(f"{rejected.summary}; the build was kept at {aside} for inspection, {out} was not "
+                            "written") from None
     except BaseException:  # Ctrl-C included: leave nothing half-written
         shutil.rmtree(staging, ignore_errors=True)
         raise
