@@ -84,6 +84,37 @@ def test_schedule_guard_names_the_mismatch(stateful):
         bare(x, torch.tensor(recorded["timesteps"][1]))
 
 
+def test_schedule_guard_compares_every_timestep_value(stateful):
+    """Same scheduler, same step count, one timestep value moved: named with its step (the per-value branch)."""
+    recorded = read_manifest(stateful.out)["scheduler"]
+    values = [float(t) for t in recorded["timesteps"]]
+    built = make_scheduler(recorded["name"], recorded["config"])
+    built.set_timesteps(recorded["steps"])
+    for step in (0, len(values) // 2, len(values) - 1):
+        moved = list(values)
+        moved[step] += 1.0
+        why = schedule_mismatch(recorded, built, timesteps=moved)
+        assert why == f"timestep {moved[step]:g} at step {step}, the build's schedule has {values[step]:g} there"
+    assert schedule_mismatch(recorded, built, timesteps=[v + 1e-4 for v in values]) is None  # within TIMESTEP_ATOL
+
+
+def test_drop_in_refuses_a_generation_that_leaves_the_schedule(stateful):
+    """Mid-generation: a timestep that is not the schedule's next one, or a batch that changes between steps, is
+    refused with the step it happened at (no pipeline on the stack: the call sequence alone is checked)."""
+    values = [float(t) for t in read_manifest(stateful.out)["scheduler"]["timesteps"]]
+    x2 = _inputs(stateful, 2)[0]
+    unet = EngineUNet.from_build(stateful.out)
+    unet(x2, torch.tensor(values[0]))
+    unet(x2, torch.tensor(values[1]))  # the schedule's next step: accepted
+    with pytest.raises(ScheduleMismatchError, match=f"timestep {values[3]:g} after step 1, the build's schedule "
+                                                    f"has {values[2]:g} there"):
+        unet(x2, torch.tensor(values[3]))
+    unet = EngineUNet.from_build(stateful.out)
+    unet(x2, torch.tensor(values[0]))
+    with pytest.raises(ScheduleMismatchError, match="batch 1 at step 1, the generation started with batch 2"):
+        unet(x2[:1], torch.tensor(values[1]))
+
+
 def test_allowed_mismatch_runs_the_uncompensated_engine(build_factory, stateful):
     """With allow_schedule_mismatch the drop-in gives the raw quantized output: the same as an engine built
     with the same settings and no compensation (independently built, same calibration)."""
