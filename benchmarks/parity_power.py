@@ -44,7 +44,7 @@ def _row(report: dict) -> dict:
             "images_required_db": images.get("required_db")}
 
 
-def run(models: list[str], precisions: list[str]) -> dict:
+def run(models: list[str], precisions: list[str], out: str) -> dict:
     from engine_breakers import BREAKERS, NEEDS_TABLES
 
     from qdc_export.build import build
@@ -86,7 +86,13 @@ def run(models: list[str], precisions: list[str]) -> dict:
                     row["broken"][name] = {"what": what, **_row(report), "summary": summarize(report)}
                     print(f"  {name}: {'PASS' if report['passed'] else 'FAIL'} ({what})", flush=True)
                 record["rows"].append(row)
+                write(record, out)  # after every row: an interrupted run keeps what it measured
     return record
+
+
+def write(record: dict, out: str) -> None:
+    Path(out + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    Path(out + ".md").write_text(markdown(record))
 
 
 def _mark(ok: bool | None) -> str:
@@ -132,10 +138,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["w8a8", "w4a16", "w4a8", "w4a4"])
     parser.add_argument("--out", default=str(RESULTS / "parity_power"), help="record path without suffix")
     args = parser.parse_args()
-    record = run(args.models, args.precisions)
-    Path(args.out + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    Path(args.out + ".md").write_text(markdown(record))
-    print(markdown(record))
+    print(markdown(run(args.models, args.precisions, args.out)))
 
 
 if __name__ == "__main__":

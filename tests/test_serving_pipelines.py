@@ -23,7 +23,8 @@ from qdc_export.metrics import psnr
 from qdc_export.sampling import initial_latents, latents_to_images, make_scheduler, run_sampler
 from qdc_export.serving import EngineUNet, ScheduleMismatchError
 
-pytestmark = pytest.mark.slow  # four W8A8 + TCEC builds and their pipelines: several minutes on 2 cores
+# The DDIMPipeline test runs in the default suite (one small build, 4 steps); the other three builds and their
+# pipelines are marked slow: several minutes on 2 cores.
 
 TCEC = dict(compensation="tcec", tcec_variant="m1-fitted", comp_validate=False)
 PSNR_AGREEMENT_DB = 0.05  # same noise, same conditioning, same engine: only float summation order differs
@@ -93,6 +94,7 @@ def test_ddim_pipeline_drop_in(build_factory):
         pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=steps + 1)
 
 
+@pytest.mark.slow
 def test_ddpm_pipeline_drop_in(build_factory):
     result = build_factory("digits-uncond", "w8a8", scheduler="ddpm", **TCEC)
     parity, steps = _parity(result), result.manifest["scheduler"]["steps"]
@@ -123,6 +125,7 @@ def _run_cond(pipe, seeds, steps, per_seed_kwargs) -> torch.Tensor:
     return torch.cat(outs).float()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl"])
 def test_stable_diffusion_pipelines_drop_in(build_factory, tmp_path, preset):
     result = build_factory(preset, "w8a8", **TCEC)
