@@ -44,7 +44,7 @@ def _row(report: dict) -> dict:
             "images_required_db": images.get("required_db")}
 
 
-def run(models: list[str], precisions: list[str], out: str) -> dict:
+def run(models: list[str], precisions: list[str], record_path: str) -> dict:
     from engine_breakers import BREAKERS, NEEDS_TABLES
 
     from qdc_export.build import build
@@ -86,13 +86,13 @@ def run(models: list[str], precisions: list[str], out: str) -> dict:
                     row["broken"][name] = {"what": what, **_row(report), "summary": summarize(report)}
                     print(f"  {name}: {'PASS' if report['passed'] else 'FAIL'} ({what})", flush=True)
                 record["rows"].append(row)
-                write(record, out)  # after every row: an interrupted run keeps what it measured
+                write(record, record_path)  # after every row: an interrupted run keeps what it measured
     return record
 
 
-def write(record: dict, out: str) -> None:
-    Path(out + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    Path(out + ".md").write_text(markdown(record))
+def write(record: dict, record_path: str) -> None:
+    Path(record_path + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    Path(record_path + ".md").write_text(markdown(record))
 
 
 def _mark(ok: bool | None) -> str:

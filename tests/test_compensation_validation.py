@@ -1,6 +1,6 @@
 """The build's held-out check of fitted compensation tables (compensate.validate_compensation): tables that
-lower the final-image PSNR against FP on unseen seeds are rejected, tables that raise it by more than the
-gain's standard error, on >= 16 seeds, are accepted.
+lower the final-image PSNR against FP on unseen seeds are rejected, tables that raise it by more than twice the
+gain's standard error, on >= 64 seeds, are accepted.
 
 The "quantized" model here is the captured FP graph with its output scaled by 1.25 (a known, systematic
 error), so the right tables are known exactly: scale 0.8 restores FP; scale 0.5 makes things worse."""

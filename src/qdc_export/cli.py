@@ -100,8 +100,8 @@ def main() -> None:
               show_default=True, help="fit target of the m1-fitted variant")
 @click.option("--comp-ridge", type=float, default=1e-3, show_default=True, help="ridge strength (relative)")
 @click.option("--comp-validate/--no-comp-validate", default=True, show_default=True,
-              help="fold the tables only if their PSNR gain vs FP on >= 16 held-out seeds (every class) exceeds its "
-                   "standard error")
+              help="fold the tables only if their PSNR gain vs FP on >= 64 held-out seeds (every class) exceeds twice "
+                   "its standard error")
 @click.option("--target", type=click.Choice(TARGETS), default="onnxruntime",
               show_default=True, help="onnxruntime-cpu: W8A8 with integer CPU kernels; openvino: OpenVINO runs it (docs/cpu.md)")
 @click.option("--trt-batch-range", default="1:2:8", show_default=True,
