@@ -28,8 +28,9 @@ def _rules(report: dict) -> dict:
     steps_ok = report.get("polygraphy_passed")
     traj = report.get("trajectory", {})
     return {
-        "per_step_ranked": steps_ok,
+        "every_step": steps_ok,
         "typical_step": report.get("typical_step", {}).get("passed"),
+        "step_gain": report.get("step_gain", {}).get("passed"),
         "images_vs_reference": report.get("images_vs_reference", {}).get("passed"),
         "psnr_gap_vs_fp": (traj.get("gap_db", 0.0) <= traj.get("allowed_gap_db", 0.0)) if traj else None,
         "compensation_head": report.get("compensation_head", {}).get("passed"),
@@ -40,6 +41,8 @@ def _row(report: dict) -> dict:
     typical, images = report.get("typical_step", {}), report.get("images_vs_reference", {})
     return {"passed": report["passed"], "rules": _rules(report),
             "min_step_snr_db": report["worst"]["min_snr_db"], "median_step_snr_db": typical.get("median_snr_db"),
+            "step_gain_deviation": report.get("step_gain", {}).get("max_deviation"),
+            "step_gain_allowed": report.get("step_gain", {}).get("allowed_deviation"),
             "median_required_db": typical.get("required_db"), "images_vs_reference_db": images.get("mean_psnr_db"),
             "images_required_db": images.get("required_db")}
 
@@ -107,11 +110,12 @@ def markdown(record: dict) -> str:
              f"({run['cpu_model']}).", "",
              "Each row: the default build of that precision (honest) and broken copies of it, each checked from its "
              "folder. Verdict: PASS / FAIL of `check`; the rule columns say which rules failed the engine "
-             "(ranked per-step SNR/cosine, median step SNR, final images vs the reference's own, PSNR gap vs FP, "
-             "compensation head). An honest build must PASS, every broken one must FAIL.", "",
-             "| model | precision (ptq) | engine | verdict | ranked steps | median step (dB, required) | "
-             "images vs reference (dB, required) | gap vs FP | head |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(every step's SNR/cosine against the floor's worst step, the median step SNR, the largest step gain "
+             "deviation, the final images vs the reference's own, the PSNR gap vs FP, the compensation head; "
+             "docs/parity.md). An honest build must PASS, every broken one must FAIL.", "",
+             "| model | precision (ptq) | engine | verdict | every step | median step (dB, required) | "
+             "step gain off 1 (allowed) | images vs reference (dB, required) | gap vs FP | head |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in record["rows"]:
         engines = [("honest", row["honest"])] + [(name, v) for name, v in row["broken"].items()]
         for name, r in engines:
@@ -122,9 +126,12 @@ def markdown(record: dict) -> str:
                       f"{_mark(rules['typical_step'])}" if r["median_step_snr_db"] is not None else "-")
             images = (f"{r['images_vs_reference_db']:.2f} (>= {r['images_required_db']:.2f}) "
                       f"{_mark(rules['images_vs_reference'])}" if r["images_vs_reference_db"] is not None else "-")
+            gain = (f"{r['step_gain_deviation']:.2g} ({r['step_gain_allowed']:.2g}) {_mark(rules['step_gain'])}"
+                    if r.get("step_gain_deviation") is not None else "-")
             lines.append(f"| {row['model']} | {row['precision']} ({row['ptq']}) | {name} | "
-                         f"{'**' + verdict + ' (wrong)**' if wrong else verdict} | {_mark(rules['per_step_ranked'])} | "
-                         f"{median} | {images} | {_mark(rules['psnr_gap_vs_fp'])} | {_mark(rules['compensation_head'])} |")
+                         f"{'**' + verdict + ' (wrong)**' if wrong else verdict} | {_mark(rules['every_step'])} | "
+                         f"{median} | {gain} | {images} | {_mark(rules['psnr_gap_vs_fp'])} | "
+                         f"{_mark(rules['compensation_head'])} |")
     missed = [(row["model"], row["precision"], n) for row in record["rows"] for n, v in row["broken"].items()
               if v["passed"]]
     false_alarms = [(row["model"], row["precision"]) for row in record["rows"] if not row["honest"]["passed"]]
@@ -137,7 +144,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits-uncond", "digits-cond"])
     parser.add_argument("--precisions", nargs="+", default=["w8a8", "w4a16", "w4a8", "w4a4"])
     parser.add_argument("--out", default=str(RESULTS / "parity_power"), help="record path without suffix")
+    parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
+    if args.render:
+        Path(args.out + ".md").write_text(markdown(json.loads(Path(args.out + ".json").read_text())))
+        return
     print(markdown(run(args.models, args.precisions, args.out)))
 
 
