@@ -1,5 +1,6 @@
-"""W4A4 builds at the default settings pass `check`: the installed CLI, as a user runs it, on the bundled trained
-models and on random-init presets (a UNet2DModel and an SD-style UNet2DConditionModel), plain and with SVDQuant.
+"""W4A4 builds with the recipes named on the command line (`--ptq rtn`, `--ptq svdquant`, no compensation; not the
+defaults, which benchmarks/parity_power.py runs) pass `check`: the installed CLI, as a user runs it, on the bundled
+trained models and on random-init presets (a UNet2DModel and an SD-style UNet2DConditionModel).
 Each build's parity verdict, its per-step SNR against the measured noise floor, and its final-image gap are
 written to benchmarks/results/parity_matrix.{json,md} with the command, commit, threads and package versions.
 
@@ -61,7 +62,7 @@ def build_and_check(model: str, precision: str, ptq: str, compensation: str, out
 
 def markdown(data: dict) -> str:
     p = data["provenance"]
-    lines = ["# W4A4 parity at default settings\n",
+    lines = ["# W4A4 parity with the recipes named on the command line (not the defaults: benchmarks/parity_power.py)\n",
              f"`{p['command']}` at commit {p['commit']}, {p['torch_threads']} torch threads on {p['cpu_count']} "
              f"cores; {', '.join(f'{k} {v}' for k, v in p['package_versions'].items())}.\n",
              "Per-step SNR of ONNX Runtime vs the PyTorch Q/DQ graph against the required threshold "

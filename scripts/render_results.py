@@ -1,6 +1,7 @@
-"""Published results from their committed records: the README's result numbers and the example reports' HTML.
+"""Published results from their committed records: the numbers of README.md and docs/results.md, and the example
+reports' HTML. README.md quotes no figure outside a generated block (``--check`` lists any).
 
-    python scripts/render_results.py                     # rewrite the generated README blocks and report.html files
+    python scripts/render_results.py                     # rewrite the generated blocks and report.html files
     python scripts/render_results.py --check             # exit 1 and list what differs (tests/test_render_results.py)
     python scripts/render_results.py --rebuild-reports   # rebuild docs/reports/* with the current code (slow), render
     python scripts/render_results.py --from-builds DIR   # the same from builds DIR/NAME made by REPORT_COMMANDS
@@ -67,12 +68,19 @@ def _fidelity_rows() -> dict[tuple[str, str, str, str], dict[str, Any]]:
     return {(r["model"], r["precision"], r["sampler"], r["method"]): r for r in _json(RESULTS / "fidelity.json")["rows"]}
 
 
+def commit_mark(run: dict[str, Any]) -> str:
+    """A record's commit as published: 7 digits, and " (dirty tree)" where the tree had uncommitted changes (a
+    record that does not say is marked so too: it cannot be traced to a commit alone)."""
+    commit = (run.get("git_commit") or run.get("commit") or "?")[:7]
+    dirty = run.get("git_dirty", run.get("dirty"))
+    return commit + ("" if dirty is False else " (dirty tree)" if dirty else " (dirty flag not recorded)")
+
+
 def _run_note(row: dict[str, Any]) -> str:
     run = row.get("run")
     if not run:
         return "not recorded"
-    commit = (run.get("git_commit") or "?")[:7] + ("+" if run.get("git_dirty") else "")
-    return f"{commit}, {run['torch_threads']} thr."
+    return f"{commit_mark(run)}, {run['torch_threads']} thr."
 
 
 def block_fidelity_headline() -> str:
@@ -230,14 +238,9 @@ def block_parity() -> str:
         worst_snr = min(worst_snr, parity["worst"]["min_snr_db"])
         worst_gap = max(worst_gap, abs(parity["trajectory"]["gap_db"]))
         names.append(f"`docs/reports/{folder.name}`")
-        tol = parity["tolerances"]
-    floor = "" if "noise_ulps" not in tol else (
-        f"; the per-step threshold is min({tol['step_min_snr_db']:g} dB, the reference's own floor under "
-        f"{tol['noise_ulps']:g}-ulp rounding noise - {tol['noise_floor_margin_db']:g} dB), docs/parity.md")
     return (f"- Parity of builds (`qdc-export check`; the example reports {', '.join(names)}): the W8A8 engines "
-            f"agree with their PyTorch Q/DQ graph at per-step SNR >= {worst_snr:.1f} dB (absolute threshold "
-            f"{tol['step_min_snr_db']:g} dB{floor}) and final-image PSNR within {worst_gap:.2f} dB (margin "
-            f"{tol['trajectory_psnr_margin_db']:g} dB plus the noisy reference's own gap).")
+            f"agree with their PyTorch Q/DQ graph at per-step SNR >= {worst_snr:.1f} dB and final-image PSNR within "
+            f"{worst_gap:.2f} dB of the graph's (the rules and their tolerances: docs/parity.md).")
 
 
 def block_w4a4_parity() -> str:
@@ -247,17 +250,53 @@ def block_w4a4_parity() -> str:
     parts = [f"{r['model']}{' + SVDQuant' if r['ptq'] == 'svdquant' else ''} {r['min_step_snr_db']:.1f} dB "
              f"(required {r['required_snr_db']:.1f})" for r in rows if "passed" in r]
     failed = [f"{r['model']} {r['ptq']}" for r in rows if not r.get("passed")]
-    return (f"- W4A4 at the default settings (`{data['provenance']['command']}`, commit "
-            f"{data['provenance']['commit']}; `benchmarks/results/parity_matrix.md`): {len(ok)} of {len(rows)} "
+    return (f"- W4A4 with `--ptq rtn` / `--ptq svdquant` and no compensation, not the default recipes "
+            f"(`{data['provenance']['command']}`, commit {data['provenance']['commit']}, a rule older than "
+            f"docs/parity.md's; `benchmarks/results/parity_matrix.md`): {len(ok)} of {len(rows)} "
             f"builds pass `check`; per-step SNR min against its noise-floor threshold: {', '.join(parts)}"
             + (f"; failed: {', '.join(failed)}" if failed else "") + ".")
 
 
-def block_main_build_time() -> str:
+def block_main_build() -> str:
+    """What the main command did when the example report was made: its compensation verdict, parity, stage times."""
     manifest = _json(REPORTS / MAIN_REPORT / "manifest.json")
-    total = sum(manifest["timings_s"].values())
-    return (f"On 2 shared cores its build stages took {total:.0f} s (stage timings in "
-            f"`docs/reports/{MAIN_REPORT}/manifest.json`; writing the report comes on top):")
+    timings = {k: v for k, v in manifest["timings_s"].items() if k != "report"}
+    made = manifest.get("made_on")
+    where = (f"commit {commit_mark(made)}, {made['cpu_count']} cores ({made['cpu_model']}), load "
+             f"{made['load_average_1_5_15'][0]:.2f}" if made else "commit and machine load not recorded")
+    comp, lines = manifest["compensation"], []
+    validation = comp.get("validation")
+    if validation:
+        verdict = "folded" if comp.get("folded") else "**rejected** (the engine ships without it)"
+        lines.append(f"- Compensation {comp['method']} {verdict}: held-out final-image PSNR vs FP "
+                     f"{validation['psnr_without_db']:.2f} dB without, {validation['psnr_with_db']:.2f} dB with, gain "
+                     f"{validation['gain_db']:+.2f} +- {validation['gain_se_db']:.2f} dB on {len(validation['seeds'])} "
+                     f"seeds (rule: {validation.get('rule', 'not recorded: built before the rule was written down')}).")
+    lines.append(f"- Parity: {manifest.get('parity_summary', 'not checked').split(';')[0]}.")
+    lines.append(f"- Build stages {sum(timings.values()):.0f} s in all ("
+                 + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v >= 1) + f"; {where}); the report "
+                 f"comes on top. Record: `docs/reports/{MAIN_REPORT}/manifest.json`, report: "
+                 f"[report.html](docs/reports/{MAIN_REPORT}/report.html).")
+    return "What it did when the example report was made (`python scripts/render_results.py --rebuild-reports`):\n\n" \
+        + "\n".join(lines)
+
+
+def block_parity_power() -> str:
+    """The power of `check` on the trained models, from benchmarks/results/parity_power.json."""
+    record = _json(RESULTS / "parity_power.json")
+    rows, run = record["rows"], record["run"]
+    broken = [(r["model"], r["precision"], name, v) for r in rows for name, v in r["broken"].items()]
+    missed = [f"{m} {p} {name}" for m, p, name, v in broken if v["passed"]]
+    honest_failed = [f"{r['model']} {r['precision']}" for r in rows if not r["honest"]["passed"]]
+    builds = ", ".join(sorted({f"{r['model']} {r['precision'].upper()}" for r in rows}))
+    return (f"- `check` on the trained models at each precision's default settings ({builds}): "
+            f"{len(rows) - len(honest_failed)} of {len(rows)} honest builds pass; {len(broken) - len(missed)} of "
+            f"{len(broken)} broken copies (one weight scale x2, a negated output channel, the output scaled at one "
+            "step, the compensation tables read one row late) fail"
+            + (f"; passed although broken: {', '.join(missed)}" if missed else "")
+            + (f"; honest builds that failed: {', '.join(honest_failed)}" if honest_failed else "")
+            + f". `{run['command']}` at {commit_mark(run)}; per-rule verdicts: "
+            "[benchmarks/results/parity_power.md](benchmarks/results/parity_power.md).")
 
 
 def block_scale() -> str:
@@ -326,7 +365,7 @@ def block_engine_speed() -> str:
     for result in payload["models"]:
         batches = list(result["rows"][0]["per_call"])
         run, settings = result.get("run", meta["run"]), result.get("settings", {})
-        lines += [f"**{result.get('label', result['model'])}**: `{run['command']}` (commit {str(run['git_commit'])[:7]}), "
+        lines += [f"**{result.get('label', result['model'])}**: `{run['command']}` (commit {commit_mark(run)}), "
                   f"{settings.get('calls', meta['calls'])} calls", "",
                   "| runtime / form | " + " | ".join(f"batch {b}: ms, x ORT FP32, x OV FP32" for b in batches)
                   + " | PSNR vs FP |", "|---|" + "---|" * len(batches) + "---|"]
@@ -354,7 +393,8 @@ def block_engine_speed() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "engine-speed": block_engine_speed,
-    "main-build-time": block_main_build_time,
+    "main-build": block_main_build,
+    "parity-power": block_parity_power,
     "fidelity-headline": block_fidelity_headline,
     "table-findings": block_table_findings,
     "held-out": block_held_out,
@@ -367,22 +407,44 @@ BLOCKS: dict[str, Callable[[], str]] = {
 }
 
 
-def render_readme(text: str) -> str:
-    """``text`` with every generated block re-rendered; a block name without a renderer is an error."""
-    found: list[str] = []
+RESULTS_DOC = ROOT / "docs" / "results.md"
+DOCUMENTS = (README, RESULTS_DOC)  # the files whose generated blocks are rendered; every block lives in one of them
+# A figure with a unit, the kind a results section quotes (12.3 dB, 4.5 ms, 1.3x, 21 %, 3.8 GB, 337 s, 1.1 M).
+FIGURE = re.compile(r"(?<![\w.-])[-+]?\d+(?:\.\d+)?\s?(?:dB|ms|s|%|x|GB|MB|M)(?![\w])")
+FENCED = re.compile(r"^```.*?^```", re.S | re.M)
 
+
+def _render_blocks(text: str, found: list[str]) -> str:
     def replace(match: re.Match[str]) -> str:
         name = match["name"]
         if name not in BLOCKS:
-            raise SystemExit(f"README block {name!r} has no renderer (known: {', '.join(BLOCKS)})")
+            raise SystemExit(f"generated block {name!r} has no renderer (known: {', '.join(BLOCKS)})")
         found.append(name)
         return f"{match[1]}{BLOCKS[name]()}\n{match[4]}"
 
-    rendered = BLOCK.sub(replace, text)
+    return BLOCK.sub(replace, text)
+
+
+def render_documents(texts: dict[Path, str]) -> dict[Path, str]:
+    """Each document's text with its generated blocks re-rendered; a block name without a renderer, or a renderer
+    whose block is in none of the documents, is an error."""
+    found: list[str] = []
+    rendered = {path: _render_blocks(text, found) for path, text in texts.items()}
     missing = sorted(set(BLOCKS) - set(found))
     if missing:
-        raise SystemExit(f"README lacks the generated blocks: {', '.join(missing)}")
+        raise SystemExit(f"the documents lack the generated blocks: {', '.join(missing)}")
     return rendered
+
+
+def render_all() -> dict[Path, str]:
+    return render_documents({path: path.read_text() for path in DOCUMENTS})
+
+
+def typed_figures(text: str) -> list[str]:
+    """Lines of ``text`` that quote a figure outside a generated block or a code block: numbers typed by hand."""
+    text = FENCED.sub("", BLOCK.sub("", text))
+    text = re.sub(r"`[^`\n]*`", "", text)  # inline code: commands and file names, not results
+    return [line.strip() for line in text.splitlines() if FIGURE.search(line)]
 
 
 def render_report(folder: Path) -> str:
@@ -407,7 +469,9 @@ def report_problems(folder: Path) -> list[str]:
         config = BuildConfig.from_dict(manifest["build"])
     except UserError as exc:
         return problems + [f"{name}: manifest build config no longer loads: {exc}"]
-    hashed = {k: v for k, v in manifest.items() if k not in ("content_sha256", "created", "timings_s")}
+    from qdc_export.manifest import UNHASHED_KEYS
+
+    hashed = {k: v for k, v in manifest.items() if k not in ("content_sha256", *UNHASHED_KEYS)}
     import hashlib
 
     if hashlib.sha256(canonical_json(hashed).encode()).hexdigest() != manifest.get("content_sha256"):
@@ -424,8 +488,13 @@ def report_problems(folder: Path) -> list[str]:
 
 def check_all() -> list[str]:
     problems = []
-    if README.read_text() != render_readme(README.read_text()):
-        problems.append("README.md: generated blocks differ from their records (run scripts/render_results.py)")
+    rendered = render_all()
+    for path, text in rendered.items():
+        if path.read_text() != text:
+            problems.append(f"{path.relative_to(ROOT)}: generated blocks differ from their records "
+                            "(run scripts/render_results.py)")
+    problems += [f"README.md: a figure typed by hand (render it from a record): {line}"
+                 for line in typed_figures(README.read_text())]
     for folder in sorted(p for p in REPORTS.iterdir() if p.is_dir()):
         problems += report_problems(folder)
     return problems
@@ -469,10 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.from_builds is not None:
         for name in REPORT_COMMANDS:
             copy_report_records(args.from_builds / name, name)
-    README.write_text(render_readme(README.read_text()))
+    for path, text in render_all().items():
+        path.write_text(text)
     for folder in sorted(p for p in REPORTS.iterdir() if p.is_dir()):
         (folder / "report.html").write_text(render_report(folder))
-    print("rendered README.md and docs/reports/*/report.html; remaining problems:", check_all() or "none")
+    print("rendered README.md, docs/results.md and docs/reports/*/report.html; remaining problems:",
+          check_all() or "none")
     return 0
 
 

@@ -13,7 +13,8 @@ from engine_breakers import BREAKERS
 from parity_assertions import assert_statistical_parity
 
 from qdc_export.check.folder import check_build
-from qdc_export.check.parity import RoundingNoise, summarize
+from qdc_export.check.noise_floor import RoundingNoise
+from qdc_export.check.parity import summarize
 
 MODEL = "tiny-unet2d"
 # comp_validate=False: the held-out check would reject tables on this random-weight model, and the shifted-table

@@ -23,6 +23,7 @@ from qdc_export.engines.targets import prepare_tensorrt
 from qdc_export.errors import RejectedBuild, UserError
 from qdc_export.export.to_onnx import export_onnx
 from qdc_export.infra.memory import log_resident, release_memory
+from qdc_export.infra.provenance import git_state, machine_load
 from qdc_export.infra.reproducible import save_program
 from qdc_export.infra.staging import check_output, staged_folder
 from qdc_export.infra.timing import StageTimer
@@ -137,7 +138,9 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
             (staging / PARITY_FILE).write_text(canonical_json(parity))
             content["parity_summary"] = summarize(parity)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        manifest = write_manifest(staging, content, unhashed={"created": created, "timings_s": timer.timings})
+        made_on = {**git_state(), **machine_load()}  # who made it and what else the machine was doing
+        manifest = write_manifest(staging, content, unhashed={"created": created, "timings_s": timer.timings,
+                                                              "made_on": made_on})
         if parity and not parity["passed"]:  # staged_folder keeps it aside as NAME.failed-check
             raise RejectedBuild(f"parity check failed: {content['parity_summary']}")
         if write_report:  # derived from the artifacts above, written after the manifest (not hashed)

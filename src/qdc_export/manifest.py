@@ -50,7 +50,7 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, allow_nan=True, default=str) + "\n"
 
 
-UNHASHED_KEYS = ("created", "timings_s")
+UNHASHED_KEYS = ("created", "timings_s", "made_on")  # made_on: commit, dirty flag, machine load
 
 
 def write_manifest(folder: Path, content: dict[str, Any], unhashed: dict[str, Any] | None = None) -> dict[str, Any]:

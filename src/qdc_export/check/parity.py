@@ -36,8 +36,8 @@ import torch
 from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
 from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompareFunc
 from polygraphy.logger import G_LOGGER
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from qdc_export.check.noise_floor import NOISE_SEEDS, NoisyDenoiser, step_noise_floor
 from qdc_export.engines.select import denoiser_for, runner_for
 from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.load.plugins.base import COMP_STATE, COMP_STATE_OUT, NOISE_PRED, SAMPLE, TIMESTEP
@@ -62,7 +62,7 @@ class ParityTolerances:
     # step-0 flip on tiny-sdxl W8A8 and 4 ulp one on a tiny-unet2d W4A4 build (11.4 dB at a step whose 4-ulp
     # floor was 122 dB); benchmarks/results/noise_floor.md.
     noise_ulps: float = 16.0
-    # The typical step and the final images (docs/parity.md, "Power on trained models"). 16 ulp on *every*
+    # The typical step and the final images (docs/parity.md, "Quantized builds: statistics against the graph's own noise floor"). 16 ulp on *every*
     # quantizer input is a pessimistic floor that leaves room for rare flips at any step, but at W4A4 it sits
     # as low as a layer with its weight scale doubled (digits-uncond: per-step median 39.3 dB under the noise,
     # 36.5 dB for the broken engine, 44.9 dB for the honest ONNX Runtime engine). So two more rules:
@@ -149,75 +149,6 @@ def _trajectories(case: ParityCase, seeds: list[int], denoiser: Denoiser) -> Tra
     return run_episode(denoiser, episode)
 
 
-def _quantizer_ops() -> set[Any]:
-    import torchao.quantization.pt2e  # noqa: F401  registers quantized_decomposed
-
-    import qdc_export.quantize.int4  # noqa: F401  registers qdc::fake_quantize_int4_group
-
-    ops = torch.ops.quantized_decomposed
-    return {ops.quantize_per_tensor.default, ops.quantize_per_tensor.tensor,
-            torch.ops.qdc.fake_quantize_int4_group.default}
-
-
-class RoundingNoise(TorchDispatchMode):
-    """While active, every activation entering a quantizer moves by ``ulps`` ulp up or down, at random per element
-    (seeded): the PyTorch graph with the kind of difference another runtime's kernels make (another accumulation
-    order), which decides the side of a rounding boundary that a value near it falls on."""
-
-    def __init__(self, seed: int, ulps: float) -> None:
-        super().__init__()
-        self.generator, self.ulps, self.ops = torch.Generator().manual_seed(seed), ulps, _quantizer_ops()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.ops:
-            x = args[0]
-            spacing = torch.nextafter(x.abs(), torch.tensor(float("inf"), dtype=x.dtype)) - x.abs()
-            sign = torch.randint(0, 2, x.shape, generator=self.generator, dtype=x.dtype) * 2 - 1
-            args = (x + sign * self.ulps * spacing, *args[1:])
-        return func(*args, **(kwargs or {}))
-
-
-class NoisyDenoiser:
-    """A Denoiser that runs every call under :class:`RoundingNoise` (one generator for the whole trajectory)."""
-
-    def __init__(self, inner: Any, seed: int, ulps: float) -> None:
-        self.inner, self.noise = inner, RoundingNoise(seed, ulps)
-
-    def reset(self, batch: int) -> None:
-        self.inner.reset(batch)
-
-    def __call__(self, sample, timestep, cond):
-        with self.noise:
-            return self.inner(sample, timestep, cond)
-
-
-NOISE_SEEDS = (1, 2)
-
-
-def _step_noise_floor(module: Any, feeds: list[OrderedDict[str, np.ndarray]], reference_iters: Any,
-                      ulps: float) -> dict:
-    """Per step: the reference's outputs at the recorded feeds against its outputs under rounding noise, the
-    worse of two noise draws."""
-    by_draw: dict[str, list[dict[str, float]]] = {str(seed): [] for seed in NOISE_SEEDS}
-    with torch.no_grad():
-        for seed in NOISE_SEEDS:
-            noise = RoundingNoise(seed, ulps)
-            for feed, ref in zip(feeds, reference_iters):
-                with noise:
-                    out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()])
-                out = out[0] if isinstance(out, (tuple, list)) else out  # NOISE_PRED is the first output
-                by_draw[str(seed)].append(error_stats(ref[NOISE_PRED], out.numpy()))
-    draws = list(by_draw.values())
-    return {"what": f"per-step SNR / cosine of the PyTorch reference against itself with every quantizer input "
-                    f"moved {ulps:g} ulp up or down at random (worse of {len(draws)} draws)",
-            "ulps": ulps,
-            "per_step_snr_db": [min(d[k]["snr_db"] for d in draws) for k in range(len(feeds))],
-            "per_step_cosine": [min(d[k]["cosine"] for d in draws) for k in range(len(feeds))],
-            "by_draw_snr_db": {k: [s["snr_db"] for s in v] for k, v in by_draw.items()},
-            "by_draw_cosine": {k: [s["cosine"] for s in v] for k, v in by_draw.items()},
-            "by_draw_gain": {k: [s["gain"] for s in v] for k, v in by_draw.items()}}
-
-
 def required_step_thresholds(floor: dict, engine_steps: list[dict[str, float]],
                              tol: ParityTolerances) -> tuple[list[float], list[float]]:
     """Every step: SNR >= min(absolute, worst floor step - margin), cosine likewise with the margin applied to
@@ -260,8 +191,8 @@ def run_parity(case: ParityCase, seeds: list[int], tol: ParityTolerances | None 
     noisy_vs_reference: dict[str, torch.Tensor] = {}
     reference_images = latents_to_images(ref_traj.final)
     if case.quantized:
-        floor = _step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.noise_ulps)
-        typical_floor = _step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.median_noise_ulps)
+        floor = step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.noise_ulps)
+        typical_floor = step_noise_floor(reference_module, recorder.feeds, torch_iters, tol.median_noise_ulps)
         for seed in NOISE_SEEDS:
             inner = TorchDenoiser(reference_module, case.cond_names, stateful=case.stateful)
             noisy_final = _trajectories(case, seeds, NoisyDenoiser(inner, seed, tol.noise_ulps)).final
