@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,8 +70,11 @@ def write(report: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tensorrt_form.json").write_text(json.dumps(report, indent=2) + "\n")
     rule_key = next(k for k in report["rows"][0] if k.startswith("rules_broken_at_"))
+    run = report.get("run")
+    made = (f"`{run['command']}` at {(run['git_commit'] or '?')[:10]}{' (dirty tree)' if run['git_dirty'] else ''}, "
+            f"load {run['load_average_1_5_15']}" if run else "command and commit not recorded (made before they were)")
     lines = [f"# TensorRT form on CPU (DDIM {report['steps']} steps, {report['calib_samples']} calibration and "
-             f"{report['parity_samples']} parity trajectories; ONNX Runtime CPU, no TensorRT)", "",
+             f"{report['parity_samples']} parity trajectories; ONNX Runtime CPU, no TensorRT)", "", made, "",
              f"| model | precision | target | network | TensorRT rules broken ({rule_key[16:]}) | min step SNR ORT vs "
              "PyTorch (dB) | PSNR vs FP, PyTorch (dB) | PSNR vs FP, ORT (dB) | parity |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -90,7 +94,11 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=4)
     parser.add_argument("--parity-samples", type=int, default=2)
     args = parser.parse_args()
-    write(run(args.models, args.precisions, args.steps, args.calib_samples, args.parity_samples))
+    from qdc_export.infra.provenance import run_provenance
+
+    provenance = run_provenance("python benchmarks/tensorrt_form.py", sys.argv[1:])  # before the run: its load
+    write({"run": provenance, **run(args.models, args.precisions, args.steps, args.calib_samples,
+                                    args.parity_samples)})
 
 
 if __name__ == "__main__":
