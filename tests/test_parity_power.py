@@ -1,7 +1,11 @@
 """The parity check has power: subtly broken engines fail it at W8A8 and at W4A4, while the honest builds they
 were made from pass. Each broken engine is a valid build folder whose model.onnx differs in one place
-(tests/engine_breakers.py): one layer's weight scale x2, one output channel's weights negated, or every
-compensation table read one row late. The check runs from the folder, as `qdc-export check` does."""
+(tests/engine_breakers.py): one layer's weight scale x2, one output channel's weights negated, the output scaled
+at one step, or every compensation table read one row late. The check runs from the folder, as `qdc-export check`
+does. Builds: the random-weight tiny-unet2d (4 steps, tables folded regardless of the held-out check, so the
+shifted-table case has a head) and the trained digits-uncond at its default recipes and compensation (10 steps,
+2 parity seeds: the suite's budget; benchmarks/results/parity_power.md has the 20-step defaults of every
+precision on both trained models)."""
 
 from __future__ import annotations
 
@@ -9,35 +13,49 @@ import shutil
 
 import pytest
 import torch
-from engine_breakers import BREAKERS
+from engine_breakers import BREAKERS, NEEDS_TABLES
 from parity_assertions import assert_statistical_parity
 
 from qdc_export.check.folder import check_build
 from qdc_export.check.noise_floor import RoundingNoise
 from qdc_export.check.parity import summarize
 
-MODEL = "tiny-unet2d"
-# comp_validate=False: the held-out check would reject tables on this random-weight model, and the shifted-table
-# case needs a folded head. The head is then checked elementwise against the build's tables.
-BUILD = dict(compensation="tcec", tcec_variant="m0", comp_validate=False)
+# comp_validate=False on tiny-unet2d: the held-out check would reject tables on this random-weight model, and the
+# shifted-table case needs a folded head. The head is then checked elementwise against the build's tables.
+BUILDS = {
+    ("tiny-unet2d", "w8a8"): dict(compensation="tcec", tcec_variant="m0", comp_validate=False),
+    ("tiny-unet2d", "w4a4"): dict(compensation="tcec", tcec_variant="m0", comp_validate=False),
+    ("digits-uncond", "w8a8"): dict(compensation=None, steps=10, calib_samples=2, parity_samples=2),
+    ("digits-uncond", "w4a4"): dict(compensation=None, steps=10, calib_samples=2, parity_samples=2),
+}
+# Faults smaller than a rounding flip: measured in benchmarks/results/parity_power.md (digits-uncond W8A8 at 20
+# steps: the negated channel moves the final images 1.5 dB at 54 dB agreement, the noisy reference itself agrees
+# at 54.9 dB). Expected to pass; xfail without strict, so a check that gains the power to see them is welcome.
+BELOW_THE_NOISE = {("digits-uncond", "w8a8", "negated-channel")}
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w4a4"])
+@pytest.fixture(scope="module", params=sorted(BUILDS), ids=lambda key: "-".join(key))
 def honest(request, build_factory):
-    result = build_factory(MODEL, request.param, **BUILD)
-    assert result.manifest["compensation"]["folded"], result.manifest["compensation"]
+    model, precision = request.param
+    result = build_factory(model, precision, **BUILDS[request.param])
+    result.key = request.param
     return result
 
 
 def test_honest_build_passes(honest):
     report = honest.parity
     assert_statistical_parity(report)
-    head = report["compensation_head"]
-    assert head["passed"] and head["max_abs"] <= head["atol"], summarize(report)
+    if "compensation_head" in report:
+        head = report["compensation_head"]
+        assert head["passed"] and head["max_abs"] <= head["atol"], summarize(report)
 
 
 @pytest.mark.parametrize("breaker", sorted(BREAKERS))
-def test_broken_engine_fails(honest, breaker, tmp_path):
+def test_broken_engine_fails(honest, breaker, tmp_path, request):
+    if breaker in NEEDS_TABLES and not honest.manifest["compensation"].get("folded"):
+        pytest.skip("no compensation folded in this build (the held-out check's verdict): no table to shift")
+    if (*honest.key, breaker) in BELOW_THE_NOISE:
+        request.applymarker(pytest.mark.xfail(reason="a fault below the rounding noise (docs/parity.md, Limits)"))
     folder = tmp_path / "broken"
     shutil.copytree(honest.out, folder)
     what = BREAKERS[breaker](folder)

@@ -111,7 +111,7 @@ def main() -> None:
 @click.option("--trt-conv", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
               help="convolutions of a W4A16 TensorRT build (INT4 runs only in GEMMs in TensorRT)")
 @click.option("--trt-version", default="", help="TensorRT version to check the rules against "
-              "(--target tensorrt; default: the oldest the [gpu] extra installs)")
+              "(--target tensorrt; default: the oldest release the GPU path is written for, docs/tensorrt.md)")
 @click.option("--parity-samples", type=int, default=4, show_default=True)
 @click.option("--ptq", default=None, metavar="RECIPE",
               help="INT4 PTQ recipe: rtn, gptq, awq, awq+gptq (awq: w4a16/w4a8), svdquant, svdquant+gptq "

@@ -59,7 +59,7 @@ class BuildConfig:
     target: str = "onnxruntime"
     trt_batch_range: tuple[int, int, int] = (1, 2, 8)
     trt_float: str = "fp16"  # the network's float type for --target tensorrt (INT8/INT4 stay in Q/DQ)
-    trt_version: str = ""  # TensorRT version the rules are checked against; "" = the oldest the [gpu] extra allows
+    trt_version: str = ""  # TensorRT version the rules are checked against; "" = trt_rules.OLDEST_SUPPORTED
     trt_conv: str = "int8"  # W4A16 --target tensorrt: convolutions W8A8 (INT8 Q/DQ) or left in the float type
     parity_samples: int = 4
     ptq: str | None = None  # a PTQ recipe (PTQ_RECIPES); None: DEFAULT_PTQ of the precision

@@ -64,8 +64,10 @@ __all__ = [
 
 Version = tuple[int, int]
 
-# The oldest TensorRT the [gpu] extra installs (pyproject.toml: tensorrt-cu12>=10.12,<11); rules are checked
-# against it unless --trt-version says otherwise. The code targets the 10.x API (tensorrt-stubs 10.13).
+# The TensorRT the GPU path is written for: installed as its own step from NVIDIA's index (docs/tensorrt.md,
+# "Runtime pieces"; not a wheel on the Python package index, so not in the [gpu] extra). Rules are checked against
+# its oldest release unless --trt-version says otherwise. The code targets the 10.x API (tensorrt-stubs 10.13).
+TENSORRT_REQUIREMENT = "tensorrt-cu12>=10.12,<11"
 OLDEST_SUPPORTED = "10.12"
 _MIN_CHECKABLE: Version = (10, 0)  # first release with INT4 and strongly typed networks; older: not modelled
 
