@@ -83,6 +83,36 @@ def test_fold_transposes_a_blocked_int4_scale_with_its_weight():
     np.testing.assert_array_equal(_run(folded, x)[0], before[0])
 
 
+def test_fold_sees_through_the_cast_of_an_fp16_network_and_rule_r11_catches_what_it_misses():
+    """The FP16 network's Linear weights come out of the exporter as DQ(FP32) -> Cast(FP16) -> Transpose -> MatMul
+    (16 of them in digits-uncond's W8A8 TensorRT form before this fold looked through the Cast). The fold gives
+    DQ(W^T) -> Cast -> MatMul with the same outputs; left unfolded, TensorRT rule R11 names each weight."""
+    from qdc_export.engines.trt_rules import check_tensorrt_compatibility as tensorrt_violations
+
+    model = _linear_model(per_channel=True)
+    model.graph.node[0].output[0] = "w32"
+    model.graph.node.insert(1, helper.make_node("Cast", ["w32"], ["w"], to=TensorProto.FLOAT16))
+    model.graph.node[3].input[0] = "x16"
+    model.graph.node.insert(3, helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model, full_check=True)
+    assert [v.rule for v in tensorrt_violations(model)].count("R11") == 1
+    x = np.random.default_rng(1).standard_normal((2, 3, 5)).astype(np.float32)
+    before = _run(model, x)
+    ir_model = ir.from_proto(model)
+    assert fold_weight_transposes(ir_model) == 1
+    folded = ir.to_proto(ir_model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["DequantizeLinear", "Cast", "Cast", "MatMul"]
+    assert not any(v.rule == "R11" for v in tensorrt_violations(folded))
+    # the same FP16 values in the same [K, O] layout; ONNX Runtime's FP16 MatMul over a transposed input and over
+    # a stored one accumulate in different orders: within FP16 rounding of the products (|y| < 10, 2 ulp)
+    after = _run(folded, x)[0]
+    error = np.abs(after.astype(np.float64) - before[0].astype(np.float64))
+    print(f"max {error.max():.3g} mean {error.mean():.3g} p99 {np.quantile(error, 0.99):.3g} (tolerance 2 FP16 ulp)")
+    np.testing.assert_allclose(after, before[0], rtol=0, atol=2 * float(np.spacing(np.float16(8.0))))
+
+
 def test_fold_leaves_shared_weights_alone():
     ir_model = ir.from_proto(_linear_model(True, weight_readers=2))
     assert fold_weight_transposes(ir_model) == 0

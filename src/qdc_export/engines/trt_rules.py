@@ -20,6 +20,9 @@ lists them with the documentation's own words.
         64 or 128 dividing that axis (no ragged last block)
     R10 a DequantizeLinear's output type is its scale's type: a DQ followed by a Cast (FP32 scale, FP16
         network) leaves a Cast between the DQ and its consumer, so the pair does not fuse
+    R11 a weight's DequantizeLinear feeds its layer, not a Transpose (directly or through a Cast): TensorRT
+        fuses DQ into the weight input of the Conv / MatMul it feeds; a transposed weight is a separate float
+        tensor, and ONNX Runtime constant-folds DQ -> Transpose to FP32 (store the weight pre-transposed)
 
 Nodes inside subgraphs (If / Loop / Scan bodies) are checked too, named ``outer_node/inner_node``.
 """
@@ -98,6 +101,8 @@ RULES: dict[str, Rule] = {
                f"{_DQ_OPERATOR}; {_QTYPES_GUIDE}"),
     "R10": Rule("DequantizeLinear output type comes from its scale: store the scale in the consumer's type, "
                 "no Cast after the DQ", f"{_DQ_OPERATOR}: output type T3 = scale type"),
+    "R11": Rule("a weight's DequantizeLinear feeds its layer directly: no Transpose after it (store the weight "
+                "pre-transposed)", f"{_QTYPES_GUIDE}, Q/DQ layer placement"),
 }
 
 # Standard-domain ops the ONNX-TensorRT parser imports ("Y" in onnx-tensorrt docs/operators.md, TRT 10.1),
@@ -260,6 +265,11 @@ def _check_qdq(name: str, node: onnx.NodeProto, scope: Scope, users: dict[str, l
         outs = users.get(node.output[0], []) if node.output else []
         if outs and all(u.op_type == "Cast" for u in outs):
             yield violation("R10", "DequantizeLinear feeds only a Cast: store its scale in the target type instead")
+        if weight:  # R11: through at most one Cast
+            after = [w for u in outs for w in (users.get(u.output[0], []) if u.op_type == "Cast" else [u])]
+            if any(u.op_type == "Transpose" for u in after):
+                yield violation("R11", f"weight {data_name!r} is transposed after its DequantizeLinear; store it "
+                                       "pre-transposed so the DQ feeds the layer")
 
 
 def check_tensorrt_compatibility(model: onnx.ModelProto, *, allow_int4_activations: bool = False,

@@ -67,16 +67,27 @@ def _transpose_constant(value: ir.Value) -> None:
     value.shape = ir.Shape(transposed.shape)
 
 
+def _private_cast(value: ir.Value | None) -> ir.Node | None:
+    """The Cast producing ``value`` when that Cast has no other reader (the exporter puts one between a weight's
+    DequantizeLinear and its Transpose in an FP16 network: ``.to(float16)`` after the FP32 dequantize)."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Cast" or node.domain not in _DEFAULT_DOMAINS:
+        return None
+    return node if len(node.outputs[0].uses()) == 1 and not node.outputs[0].is_graph_output() else None
+
+
 def fold_weight_transposes(model: ir.Model) -> int:
-    """In place: every ``DequantizeLinear(W 2-D initializer) -> Transpose(perm=[1, 0])`` becomes
-    ``DequantizeLinear(W^T)`` with the quantization axis swapped (and a blocked scale transposed).
-    Returns how many were folded."""
+    """In place: every ``DequantizeLinear(W 2-D initializer) -> [Cast ->] Transpose(perm=[1, 0])`` becomes
+    ``DequantizeLinear(W^T) [-> Cast]`` with the quantization axis swapped (and a blocked scale transposed): a
+    Cast is elementwise, so it commutes with the transpose. Returns how many were folded."""
     graph = model.graph
     folded = 0
     for transpose in list(graph):
         if not _is_swap_transpose(transpose) or transpose.outputs[0].is_graph_output():
             continue
-        dequantize = transpose.inputs[0].producer() if transpose.inputs[0] is not None else None
+        cast = _private_cast(transpose.inputs[0])
+        source = cast.inputs[0] if cast is not None else transpose.inputs[0]
+        dequantize = source.producer() if source is not None else None
         if not _foldable_dequantize(dequantize):
             continue
         assert dequantize is not None and dequantize.inputs[0] is not None
@@ -89,7 +100,9 @@ def fold_weight_transposes(model: ir.Model) -> int:
         if per_axis:  # axis 0 of W is axis 1 of W^T, and the other way round
             dequantize.attributes["axis"] = ir.AttrInt64("axis", 1 if _axis(dequantize) in (0, -2) else 0)
         dequantize.outputs[0].shape = transpose.outputs[0].shape
-        transpose.outputs[0].replace_all_uses_with(dequantize.outputs[0])
+        if cast is not None:
+            cast.outputs[0].shape = transpose.outputs[0].shape
+        transpose.outputs[0].replace_all_uses_with((cast or dequantize).outputs[0])
         graph.remove(transpose, safe=True)
         folded += 1
     return folded
