@@ -82,3 +82,47 @@ def test_a_build_that_fails_its_check_is_kept_aside_and_leaves_out_alone(tmp_pat
     assert (out / "manifest.json").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed-check"]
     assert (aside / "parity.json").is_file() and (aside / "model.onnx").is_file()
+
+
+def test_a_second_build_of_the_same_out_is_refused_at_once_naming_the_first(tmp_path):
+    """A lock beside --out held by a live process (a real one: `sleep`) refuses a second build before any work,
+    naming that process; a lock left by a process that has ended is taken over."""
+    import subprocess
+
+    from qdc_export.errors import UserError
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / ".out.lock").write_text(str(holder.pid))
+        with pytest.raises(UserError, match=f"another build \\(process {holder.pid}\\) is writing"):
+            with staged_folder(out, force=False):
+                pass
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with staged_folder(out, force=False) as staging:  # the holder has ended: its lock is stale
+        assert (tmp_path / ".out.lock").read_text() == str(__import__("os").getpid())
+        (staging / "manifest.json").write_text("{}")
+    assert (out / "manifest.json").is_file() and not (tmp_path / ".out.lock").exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    import os
+
+    from qdc_export.errors import UserError
+
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores the mode bits: a file in the way instead
+            (tmp_path / "file").write_text("x")
+            target = tmp_path / "file" / "out"
+        else:
+            target = locked / "build" / "out"
+        with pytest.raises(UserError, match="cannot write"):
+            build_module.build("tiny-unet2d", BuildConfig(precision="fp32", steps=2), target)
+    finally:
+        locked.chmod(0o755)

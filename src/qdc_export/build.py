@@ -19,6 +19,7 @@ from qdc_export.check.folder import check_build
 from qdc_export.check.parity import ParityTolerances, summarize
 from qdc_export.compensation.stage import add_compensation
 from qdc_export.config import BuildConfig
+from qdc_export.engines.openvino import OPENVINO_TARGET, require_openvino
 from qdc_export.engines.targets import prepare_tensorrt
 from qdc_export.errors import RejectedBuild, UserError
 from qdc_export.export.to_onnx import export_onnx
@@ -69,6 +70,9 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
           progress: bool = False, run_check: bool = True, write_report: bool = True,
           scheduler_config: Path | str | dict[str, Any] | None = None) -> BuildResult:
     """``scheduler_config``: the model's scheduler config where its folder has none (``--scheduler-config``)."""
+    check_output(out, force)  # refusals that need no work: before the model loads
+    if config.target == OPENVINO_TARGET:
+        require_openvino()  # the runtime the build's check will open, not found only after the build's work
     timer = StageTimer()
     with timer.stage("load"):
         model, source_scheduler_config = load_for_build(model_arg, config, scheduler_config)

@@ -27,10 +27,61 @@ def failed_folder(out: Path) -> Path:
 
 
 def check_output(out: Path, force: bool) -> None:
+    """Refusals that need no work first: an existing --out without --force, a file in its place, a folder that
+    cannot be written, another running build of the same --out."""
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if existing == out.absolute():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: {existing} is not a writable folder")
+    holder = lock_holder(out)
+    if holder is not None:
+        raise UserError(f"another build (process {holder}) is writing {out}; wait for it or choose another --out")
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def lock_holder(out: Path) -> int | None:
+    """The PID of a running build that holds ``out``'s lock, or None (no lock, or its process has ended)."""
+    try:
+        pid = int(_lock_path(out).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and pid != os.getpid() and _pid_alive(pid) else None
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` (this process's PID) beside ``out`` for the whole build: a second build of the same
+    --out is refused at its start (check_output) instead of failing after all its work. A lock left by a killed
+    build names a dead process and is taken over."""
+    path = _lock_path(out)
+    for _ in range(2):  # a second try only after removing a dead process's lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock_holder(out)
+            if holder is not None:
+                raise UserError(f"another build (process {holder}) is writing {out}; wait for it or choose another "
+                                "--out") from None
+            path.unlink(missing_ok=True)
+    else:
+        raise UserError(f"cannot take the lock {path} of {out}: another build is starting there")
+    with os.fdopen(fd, "w") as lock:
+        lock.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,10 +120,16 @@ def clean_stale(out: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def staged_folder(out: Path, force: bool) -> Iterator[Path]:
-    if out.parent.is_dir():
-        clean_stale(out)
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        clean_stale(out)
+        with _staging(out, force) as staging:
+            yield staging
+
+
+@contextlib.contextmanager
+def _staging(out: Path, force: bool) -> Iterator[Path]:
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
