@@ -27,7 +27,7 @@ from qdc_export.infra.memory import log_resident, release_memory
 from qdc_export.infra.provenance import git_state, machine_load
 from qdc_export.infra.reproducible import save_program
 from qdc_export.infra.staging import check_output, staged_folder
-from qdc_export.infra.timing import StageTimer
+from qdc_export.infra.timing import StageTimer, to_stderr
 from qdc_export.load.models import LoadedModel, io_description, load_model
 from qdc_export.manifest import (
     CONDITIONING_FILE,
@@ -73,7 +73,7 @@ def build(model_arg: str | None, config: BuildConfig, out: Path, *, force: bool 
     check_output(out, force)  # refusals that need no work: before the model loads
     if config.target == OPENVINO_TARGET:
         require_openvino()  # the runtime the build's check will open, not found only after the build's work
-    timer = StageTimer()
+    timer = StageTimer(report=to_stderr if progress else None)
     with timer.stage("load"):
         model, source_scheduler_config = load_for_build(model_arg, config, scheduler_config)
     with staged_folder(out, force) as staging:
