@@ -12,7 +12,8 @@ A per-step share near zero with a larger final share is error that accumulates c
 near zero at both mean the error is input-dependent and no lookup on the output can remove it. Writes
 benchmarks/results/error_structure.{json,md} with the command, commit, dirty flag, threads and machine load.
 
-    python benchmarks/error_structure.py --models digits-uncond digits-cond --precisions w8a8 w4a4 --seeds 64
+    python benchmarks/error_structure.py --models digits-uncond digits-cond --precisions w8a8 w4a16 w4a8 w4a4 \
+        --seeds 64 --threads 1
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def removed_share(err: torch.Tensor, dims: tuple[int, ...]) -> float:
     return 1.0 - float((held - mean).pow(2).sum() / held.pow(2).sum())
 
 
+def affine_share(err: torch.Tensor, regressor: torch.Tensor) -> float:
+    """Share of the second half's error energy removed by a per-channel affine map of ``regressor`` (err ~ k_c *
+    regressor + b_c, least squares on the first half): the form of a TCEC table row (scale and bias per channel)."""
+    half = err.shape[0] // 2
+    removed, total = 0.0, 0.0
+    for c in range(err.shape[1]):
+        e, r = err[:, c].double().flatten(1), regressor[:, c].double().flatten(1)
+        design = torch.stack([r[:half].flatten(), torch.ones_like(r[:half].flatten())], dim=1)
+        coef = torch.linalg.lstsq(design, e[:half].flatten().unsqueeze(1)).solution.squeeze(1)
+        held = e[half:].flatten()
+        fitted = coef[0] * r[half:].flatten() + coef[1]
+        removed += float((held.pow(2).sum() - (held - fitted).pow(2).sum()))
+        total += float(held.pow(2).sum())
+    return removed / total
+
+
 def paired_errors(model_name: str, precision: str, seeds: list[int]) -> dict:
     from qdc_export.build import load_for_build
     from qdc_export.config import BuildConfig
@@ -52,30 +69,36 @@ def paired_errors(model_name: str, precision: str, seeds: list[int]) -> dict:
     shape = model.adapter.input_specs(model.unet)[0].concrete(1)[1:]
     scheduler = make_scheduler(config.scheduler, model.scheduler_config)
     step_errors: list[list[torch.Tensor]] = []
+    step_outputs: list[list[torch.Tensor]] = []
     finals, fp_finals = [], []
     for start in range(0, len(seeds), CHUNK):
         episode = Episode.from_seeds(scheduler, config.steps, model.conditioning, shape, seeds[start:start + CHUNK])
         x_q, x_fp = episode.start.clone(), episode.start.clone()
-        per_step = []
+        per_step, outputs = [], []
         with torch.no_grad():
             for t in episode.timesteps:
                 eps_q = episode.output(q, episode.model_input(x_q, t), t)
                 per_step.append(eps_q - episode.output(fp, episode.model_input(x_q, t), t))
+                outputs.append(eps_q)
                 x_fp = episode.step(episode.output(fp, episode.model_input(x_fp, t), t), t, x_fp)
                 x_q = episode.step(eps_q, t, x_q)
         step_errors.append(per_step)
+        step_outputs.append(outputs)
         finals.append(x_q - x_fp)
         fp_finals.append(x_fp)
     steps = [torch.cat([chunk[i] for chunk in step_errors]) for i in range(config.steps)]
-    final = torch.cat(finals)
+    eps_q_steps = [torch.cat([chunk[i] for chunk in step_outputs]) for i in range(config.steps)]
+    final, x_fp_final = torch.cat(finals), torch.cat(fp_finals)
     return {
         "model": model_name, "precision": precision, "ptq": config.ptq, "steps": config.steps,
         "seeds": len(seeds),
         "step_share_per_channel": [removed_share(e, (0, 2, 3)) for e in steps],
         "step_share_per_pixel": [removed_share(e, (0,)) for e in steps],
+        "step_share_affine_per_channel": [affine_share(e, a) for e, a in zip(steps, eps_q_steps)],
         "final_share_per_channel": removed_share(final, (0, 2, 3)),
+        "final_share_affine_per_channel": affine_share(final, x_fp_final),
         "final_share_per_pixel": removed_share(final, (0,)),
-        "final_rel_error": float(final.norm() / torch.cat(fp_finals).norm()),
+        "final_rel_error": float(final.norm() / x_fp_final.norm()),
     }
 
 
@@ -88,15 +111,20 @@ def markdown(record: dict) -> str:
              "fixed offset a table could remove; 0 = none; negative = the mean of the other half adds error). "
              "Per step: the same-input output error, median over the steps and the last step. Final: the "
              "accumulated latent error.", "",
-             "| model | precision (ptq) | seeds | per step, per channel (median / last) | per step, per pixel "
-             "(median / last) | final, per channel | final, per pixel |", "|---|---|---|---|---|---|---|"]
+             "| model | precision (ptq) | seeds | final rel. error | per step: channel mean (median / last) | "
+             "per step: channel scale + bias on eps~ (median / last) | per step: pixel mean (median / last) | "
+             "final: channel mean | final: channel scale + bias on x_0 | final: pixel mean |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         def med(values: list[float]) -> float:
             return sorted(values)[len(values) // 2]
-        lines.append(f"| {r['model']} | {r['precision']} ({r['ptq']}) | {r['seeds']} | "
+        lines.append(f"| {r['model']} | {r['precision']} ({r['ptq']}) | {r['seeds']} | {r['final_rel_error']:.2e} | "
                      f"{med(r['step_share_per_channel']):.3f} / {r['step_share_per_channel'][-1]:.3f} | "
+                     f"{med(r['step_share_affine_per_channel']):.3f} / "
+                     f"{r['step_share_affine_per_channel'][-1]:.3f} | "
                      f"{med(r['step_share_per_pixel']):.3f} / {r['step_share_per_pixel'][-1]:.3f} | "
-                     f"{r['final_share_per_channel']:.3f} | {r['final_share_per_pixel']:.3f} |")
+                     f"{r['final_share_per_channel']:.3f} | {r['final_share_affine_per_channel']:.3f} | "
+                     f"{r['final_share_per_pixel']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +134,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["w8a8", "w4a16", "w4a8", "w4a4"])
     parser.add_argument("--seeds", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS / "error_structure"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from qdc_export.cli import _quiet_third_party
     from qdc_export.infra.provenance import run_provenance
 
