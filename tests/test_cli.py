@@ -28,8 +28,8 @@ def test_build_check_inspect_sample(tmp_path):
     result = run(["build", "tiny-unet2d", "--precision", "w8a8", *FAST, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "PASS quantized parity" in result.output
-    # no --compensation: TCEC with its held-out check (>= 16 seeds) is the default
-    assert "compensation tcec-m0" in result.output and "16 held-out seeds" in result.output, result.output
+    # no --compensation: TCEC with its held-out check (>= 64 seeds) is the default
+    assert "compensation tcec-m0" in result.output and "64 held-out seeds" in result.output, result.output
     assert {"model.onnx", "manifest.json", "parity.json", "reference.pt2"} <= {p.name for p in out.iterdir()}
     result = run(["check", str(out)])
     assert result.exit_code == 0 and result.output.startswith("PASS"), result.output

@@ -1,5 +1,6 @@
 """Wall time per build stage, kept out of the hashed manifest content (manifest.UNHASHED_KEYS). With ``report``
-each stage says when it starts and ends with its time (the build's progress lines on the terminal)."""
+each finished stage prints one line with its time (the build's progress lines on the terminal; a stage that fails
+prints nothing, so a refusal stays one line)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ class StageTimer:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        if self.report:
-            self.report(f"[{name}] ...")
         start = time.perf_counter()
         try:
             yield
-        finally:
+        except BaseException:
             self.timings[name] = round(time.perf_counter() - start, 3)
-            if self.report:
-                self.report(f"[{name}] done in {self.timings[name]:.1f} s")
+            raise
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.report:
+            self.report(f"[{name}] done in {self.timings[name]:.1f} s")
