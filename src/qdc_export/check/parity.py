@@ -62,11 +62,10 @@ class ParityTolerances:
     # step-0 flip on tiny-sdxl W8A8 and 4 ulp one on a tiny-unet2d W4A4 build (11.4 dB at a step whose 4-ulp
     # floor was 122 dB); benchmarks/results/noise_floor.md.
     noise_ulps: float = 16.0
-    # The typical step and the final images (parity.md, "Quantized builds: statistics against the graph's own
-    # noise floor"). 16 ulp on *every* quantizer input is a pessimistic floor that leaves room for rare flips at
-    # any step, but at W4A4 it sits as low as a layer with its weight scale doubled (digits-uncond: per-step
-    # median 39.3 dB under the noise, 37.0 dB for the broken engine, 44.5 dB for the honest ONNX Runtime engine).
-    # So two more rules:
+    # The typical step and the final images (docs/parity.md, rules 4 and 6). 16 ulp on *every* quantizer input is
+    # a pessimistic floor that leaves room for rare flips at any step, but at W4A4 it sits as low as a layer with
+    # its weight scale doubled (digits-uncond: per-step median 39.3 dB under the noise, 37.0 dB for the broken
+    # engine, 44.5 dB for the honest ONNX Runtime engine). So two more rules:
     # - the engine's median step SNR >= the median of the reference under a gentler ``median_noise_ulps`` noise
     #   (the typical size of a kernel difference) minus ``median_margin_db``; a flip at one step does not move a
     #   median, a fault in a layer moves every step;
