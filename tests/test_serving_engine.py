@@ -52,11 +52,18 @@ def test_state_is_fed_back_per_row_and_reset_per_generation(stateful):
             want = reference(x, torch.full((2,), float(t)), {})
             assert torch.equal(got, want), _errors(got, want)
         reference.reset(2)
-    # row 1 of a batch of two is what a batch of one with that row gives: each row carries its own state
-    for x, t in zip(samples, timesteps):
-        alone = unet(x[1:], torch.tensor(float(t))).sample
-        row = reference(x, torch.full((2,), float(t)), {})[1:]
-        assert torch.allclose(alone, row, atol=1e-5), _errors(alone, row)
+    # each row carries its own state: changing row 0's inputs for a whole generation leaves row 1's outputs
+    # unchanged, bit for bit (same batch size, so the same kernels; comparing a batch of one with a row of a batch
+    # of two instead measured ONNX Runtime's batch-dependent rounding on this machine: max 0.047 at W8A8, at
+    # 21f7422 as well)
+    other = [torch.cat([torch.randn(x[:1].shape, generator=torch.Generator().manual_seed(7)), x[1:]]) for x in samples]
+    unet.reset()
+    first = [unet(x, torch.tensor(float(t))).sample for x, t in zip(samples, timesteps)]
+    unet.reset()
+    second = [unet(x, torch.tensor(float(t))).sample for x, t in zip(other, timesteps)]
+    for a, b in zip(first, second):
+        assert not torch.equal(a[:1], b[:1])  # row 0 did change
+        assert torch.equal(a[1:], b[1:]), _errors(a[1:], b[1:])
 
 
 def test_schedule_guard_names_the_mismatch(stateful):
