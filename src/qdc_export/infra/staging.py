@@ -38,6 +38,11 @@ def check_output(out: Path, force: bool) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {out}: {existing} is not a writable folder")
+    refuse_if_locked(out)
+
+
+def refuse_if_locked(out: Path) -> None:
+    """One line naming the running build that holds ``out``'s lock; nothing when no live process holds it."""
     holder = lock_holder(out)
     if holder is not None:
         raise UserError(f"another build (process {holder}) is writing {out}; wait for it or choose another --out")
@@ -67,10 +72,7 @@ def output_lock(out: Path) -> Iterator[None]:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            holder = lock_holder(out)
-            if holder is not None:
-                raise UserError(f"another build (process {holder}) is writing {out}; wait for it or choose another "
-                                "--out") from None
+            refuse_if_locked(out)
             path.unlink(missing_ok=True)
     else:
         raise UserError(f"cannot take the lock {path} of {out}: another build is starting there")
